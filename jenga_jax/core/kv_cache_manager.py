@@ -1,0 +1,750 @@
+"""The KV cache manager: the single entry point of a scheduler into the host core.
+
+Life of a request:
+  add_request   register its prompt, images and cache keys (rejects what can never fit);
+  lookup        the prefix-cache hit it would get now (pure query);
+  allocate      pages for its next N tokens for every kind at once, or a refusal that
+                changes nothing. The tokens of the previous allocation are taken as
+                computed: their full pages enter the cache, and pages a kind will never
+                read again (before a sliding window, before the current chunk) are released;
+  free          finished or aborted: every page is released, full pages stay cached;
+  preempt       release its pages but keep it, to be allocated again (recompute).
+
+Positions are token positions of the request's own sequence (prompt, then generated
+tokens). Images of a layout with a cross-attention kind live in that kind's pages;
+otherwise they are placeholder tokens inside the prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from jenga_jax.core.allocator import TwoLevelAllocator
+from jenga_jax.core.block_hash import BlockHasher
+from jenga_jax.core.errors import RequestError, RequestTooLargeError
+from jenga_jax.core.layer_kinds import AttentionType
+from jenga_jax.core.layout import ModelLayout
+from jenga_jax.core.page_plan import PagePlan, make_plan
+from jenga_jax.core.request import ImageInput
+
+FULL, SLIDING, CHUNKED, CROSS, STATE = (
+    AttentionType.FULL,
+    AttentionType.SLIDING,
+    AttentionType.CHUNKED,
+    AttentionType.CROSS,
+    AttentionType.STATE,
+)
+PLACEHOLDER = -1  # token id standing for an encoder token stored in the token stream
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocationResult:
+    ok: bool
+    num_cached_tokens: int = 0  # prefix-cache hit applied by this call (first allocation)
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+_OK = AllocationResult(True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheStats:
+    pool_bytes: int
+    held_bytes: int  # pool - empty large pages - evictable cached pages
+    running_bytes: int  # pages held by running requests
+    needed_bytes: int  # what running requests truly need (no page rounding)
+    cached_only_bytes: int  # evictable cached pages
+    empty_bytes: int
+    pages_per_kind: tuple[int, ...]  # held pages
+    cached_pages_per_kind: tuple[int, ...]
+    num_running: int
+    hit_tokens: int  # cache-hit tokens of all allocations so far
+    queried_tokens: int  # prompt tokens of all first allocations so far
+    evicted_pages: int
+
+    @property
+    def waste(self) -> float:
+        """1 - needed / held."""
+        return 1.0 - self.needed_bytes / self.held_bytes if self.held_bytes else 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+class _Request:
+    __slots__ = (
+        "rid", "tokens", "images", "encoder_images", "hasher", "offset", "num_computed",
+        "num_allocated", "running", "pages", "first", "registered", "owned", "cur",
+        "frozen", "cross_pages", "fresh",
+    )  # fmt: skip
+
+    def __init__(self, rid, tokens, images, encoder_images, hasher, offset, num_kinds):
+        self.rid = rid
+        self.tokens: list[int] = tokens  # the token stream (prompt, generated tokens)
+        self.images: tuple[ImageInput, ...] = images
+        self.encoder_images: tuple[ImageInput, ...] = encoder_images  # in cross pages
+        self.hasher: BlockHasher = hasher
+        self.offset = offset  # encoder tokens stored ahead of the prompt (paged baseline)
+        self.num_computed = 0  # stream positions whose K/V exists
+        self.num_allocated = 0  # end of the last allocation
+        self.running = False
+        self._reset(num_kinds)
+
+    def _reset(self, num_kinds):
+        self.pages: list[list] = [[] for _ in range(num_kinds)]  # per kind, page index -> id
+        self.first = [0] * num_kinds  # first page index still held
+        self.registered = [0] * num_kinds  # pages below this index went through the cache
+        self.owned: list[list[int]] = [[] for _ in range(num_kinds)]
+        self.cur: list = [None] * num_kinds  # state kinds: page with the latest state
+        self.frozen = [False] * num_kinds  # cur is a checkpoint: write the next state elsewhere
+        self.cross_pages: list[list[int]] = [[] for _ in range(num_kinds)]
+        self.fresh: list[tuple[int, int]] = []  # (kind, page) cached by the last allocation
+
+
+class KVCacheManager:
+    """Allocates the pages of every kind for every request from one two-level pool."""
+
+    def __init__(
+        self,
+        layout: ModelLayout,
+        kv_budget_bytes: int,
+        *,
+        allocator: str = "jenga",
+        tokens_per_page: int = 16,
+        enable_prefix_caching: bool = True,
+        plan: PagePlan | None = None,
+    ):
+        self.plan = plan or make_plan(layout, allocator, tokens_per_page)
+        self.layout = self.plan.layout
+        num_large = int(kv_budget_bytes) // self.plan.large_page_bytes
+        if num_large <= 0:
+            raise RequestError(
+                f"KV budget {kv_budget_bytes:,} B is smaller than one large page "
+                f"({self.plan.large_page_bytes:,} B) of {self.layout.name}"
+            )
+        kinds = self.plan.kinds
+        self.alloc = TwoLevelAllocator(
+            [k.page_bytes for k in kinds], self.plan.large_page_bytes, num_large
+        )
+        self.enable_prefix_caching = enable_prefix_caching
+        self.num_kinds = len(kinds)
+        self._type = [k.type for k in kinds]
+        self._tpp = [k.tokens_per_page for k in kinds]
+        self._span = [k.tokens_per_page // self.plan.block_size for k in kinds]
+        self._window = [k.rule.window or 0 for k in kinds]
+        self._chunk = [k.rule.chunk or 0 for k in kinds]
+        self._interval = [k.rule.checkpoint_interval or 0 for k in kinds]
+        self._per_state = [k.pages_per_state for k in kinds]
+        self._token_kinds = [i for i, k in enumerate(kinds) if k.is_token_kind]
+        self._windowed_kinds = [i for i, k in enumerate(kinds) if k.type in (SLIDING, CHUNKED)]
+        self._state_kinds = [i for i, k in enumerate(kinds) if k.type is STATE]
+        self._cross_kinds = [i for i, k in enumerate(kinds) if k.type is CROSS]
+        self._has_cross = self.layout.has(CROSS)
+        self._balanced = self.plan.balanced_eviction
+        self._clock = 0
+        self._requests: dict[str, _Request] = {}
+        self._image_hits: dict[int, list] = {}  # scratch of the first allocation in progress
+        self._auto_id = 0
+        self.hit_tokens = 0
+        self.queried_tokens = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt_token_ids: Sequence[int],
+        *,
+        images: Sequence[ImageInput] = (),
+        salt: str | None = None,
+        adapter: str | None = None,
+        max_new_tokens: int = 0,
+    ) -> str:
+        """Register a waiting request. Raises if it is malformed or could never fit."""
+        if request_id is None:
+            request_id = f"req-{self._auto_id}"
+            self._auto_id += 1
+        if request_id in self._requests:
+            raise RequestError(f"request {request_id!r} already exists")
+        tokens = list(prompt_token_ids)
+        if not tokens:
+            raise RequestError(f"request {request_id!r} has an empty prompt")
+        for t in tokens:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise RequestError(
+                    f"request {request_id!r}: token ids must be ints >= 0, got {t!r}"
+                )
+        if max_new_tokens < 0:
+            raise RequestError(f"request {request_id!r}: max_new_tokens must be >= 0")
+        images = tuple(images)
+        for im in images:
+            if not isinstance(im, ImageInput):
+                raise RequestError(f"request {request_id!r}: images must be ImageInput, got {im!r}")
+        inline, encoder, offset = images, (), 0
+        if self._has_cross:
+            inline, encoder = (), images
+            if self.plan.images_inline:  # paged baseline: encoder tokens in every layer
+                offset = sum(im.num_tokens for im in images)
+                inline = tuple(
+                    ImageInput(im.content_hash, im.num_tokens, start)
+                    for im, start in zip(images, _cumsum([im.num_tokens for im in images]))
+                )
+                tokens = [PLACEHOLDER] * offset + tokens
+        else:
+            for im in images:
+                if im.offset + im.num_tokens > len(tokens):
+                    raise RequestError(
+                        f"request {request_id!r}: image {im.content_hash!r} spans tokens "
+                        f"[{im.offset}, {im.offset + im.num_tokens}) beyond the "
+                        f"{len(tokens)}-token prompt"
+                    )
+        hasher = BlockHasher(self.plan.block_size, inline, adapter, salt)
+        req = _Request(request_id, tokens, images, encoder, hasher, offset, self.num_kinds)
+        self._check_fits(req, len(tokens) + max_new_tokens)
+        hasher.update(tokens)
+        self._requests[request_id] = req
+        return request_id
+
+    def _check_fits(self, req: _Request, total: int) -> None:
+        demand = self._pages_for_whole(req, total)
+        large = sum(-(-d // r) for d, r in zip(demand, self.alloc.ratio))
+        if large > self.alloc.num_large:
+            raise RequestTooLargeError(
+                f"request {req.rid!r} needs {large} large pages for {total} tokens but the "
+                f"pool has {self.alloc.num_large}: it can never fit"
+            )
+
+    def _pages_for_whole(self, req: _Request, total: int) -> list[int]:
+        """Pages each kind needs at the request's largest moment (for the never-fits check)."""
+        demand = [0] * self.num_kinds
+        for k in range(self.num_kinds):
+            t, tpp = self._type[k], self._tpp[k]
+            if t is FULL:
+                demand[k] = -(-total // tpp)
+            elif t is SLIDING or t is CHUNKED:
+                span = self._window[k] if t is SLIDING else self._chunk[k]
+                demand[k] = min(-(-total // tpp), -(-span // tpp) + 1)
+            elif t is CROSS:
+                demand[k] = sum(-(-im.num_tokens // tpp) for im in req.encoder_images)
+            else:
+                demand[k] = 2 * self._per_state[k]
+        return demand
+
+    def _get(self, request_id: str) -> _Request:
+        req = self._requests.get(request_id)
+        if req is None:
+            raise RequestError(f"unknown request {request_id!r} (never added, or already freed)")
+        return req
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def num_tokens(self, request_id: str) -> int:
+        """Known tokens of the request (prompt + generated), placeholders excluded."""
+        req = self._get(request_id)
+        return len(req.tokens) - req.offset
+
+    def num_computed_tokens(self, request_id: str) -> int:
+        req = self._get(request_id)
+        return max(0, req.num_allocated - req.offset)
+
+    def is_running(self, request_id: str) -> bool:
+        return self._get(request_id).running
+
+    # ------------------------------------------------------------------ lookup
+    def lookup(self, request_id: str) -> int:
+        """Prompt tokens a first allocation would take from the cache now."""
+        req = self._get(request_id)
+        if req.running:
+            raise RequestError(f"request {request_id!r} is running; lookup is for waiting ones")
+        return max(0, self._find_hit(req)[0] - req.offset)
+
+    def _find_hit(self, req: _Request):
+        """(stream length L, {kind: pages to share}) of the longest hit valid for every kind."""
+        if not self.enable_prefix_caching:
+            return 0, {}
+        gran = self.plan.hit_granularity
+        limit = (len(req.tokens) - 1) // gran * gran  # never the whole sequence
+        if limit <= 0:
+            return 0, {}
+        hashes = req.hasher.update(req.tokens)
+        alloc = self.alloc
+        present: dict[int, list[int | None]] = {}
+        for k in self._token_kinds:  # full attention kinds bound the hit first
+            if self._type[k] is not FULL:
+                continue
+            span, cache = self._span[k], alloc.cache[k]
+            pages = []
+            for p in range(limit // self._tpp[k]):
+                page = cache.get(hashes[(p + 1) * span - 1])
+                if page is None:
+                    break
+                pages.append(page)
+            present[k] = pages
+            limit = min(limit, len(pages) * self._tpp[k] // gran * gran)
+        for k in self._token_kinds:
+            if self._type[k] is FULL:
+                continue
+            span, cache = self._span[k], alloc.cache[k]
+            present[k] = [
+                cache.get(hashes[(p + 1) * span - 1]) for p in range(limit // self._tpp[k])
+            ]
+        prefix_missing = {
+            k: _prefix_counts(v) for k, v in present.items() if self._type[k] is not FULL
+        }
+        for length in range(limit, 0, -gran):
+            share = {}
+            for k in self._token_kinds:
+                tpp = self._tpp[k]
+                lo = self._first_needed(k, length) // tpp
+                hi = length // tpp
+                if self._type[k] is not FULL:
+                    # A chunk boundary reads nothing older; still ask for the page before
+                    # it, so that a hit is always backed by cached pages of this prefix.
+                    missing = prefix_missing[k]
+                    if missing[hi] - missing[min(lo, hi - 1)]:
+                        break
+                share[k] = present[k][lo:hi]
+            else:
+                for k in self._state_kinds:
+                    interval = self._interval[k]
+                    if not interval or length % interval:
+                        break
+                    h = hashes[length // self.plan.block_size - 1]
+                    pages = [alloc.cache[k].get((h, j)) for j in range(self._per_state[k])]
+                    if None in pages:
+                        break
+                    share[k] = pages
+                else:
+                    return length, share
+        return 0, {}
+
+    def _first_needed(self, k: int, n: int) -> int:
+        t = self._type[k]
+        if t is SLIDING:
+            return max(0, n - self._window[k] + 1)
+        if t is CHUNKED:
+            return n // self._chunk[k] * self._chunk[k]
+        return 0
+
+    # ------------------------------------------------------------------ allocate
+    def allocate(
+        self, request_id: str, num_new_tokens: int, new_token_ids: Sequence[int] = ()
+    ) -> AllocationResult:
+        """Pages for the request's next `num_new_tokens` tokens, for every kind at once.
+
+        `new_token_ids` are appended to the request first (sampled tokens); the tokens
+        to allocate must be known. A waiting request first takes its prefix-cache hit
+        (reported in the result), and the N tokens follow the hit.
+        """
+        req = self._get(request_id)
+        if not isinstance(num_new_tokens, int) or isinstance(num_new_tokens, bool):
+            raise RequestError(f"num_new_tokens must be an int, got {num_new_tokens!r}")
+        if num_new_tokens <= 0:
+            raise RequestError(f"num_new_tokens must be positive, got {num_new_tokens}")
+        for t in new_token_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise RequestError(f"token ids must be ints >= 0, got {t!r}")
+        known = len(req.tokens) + len(new_token_ids)
+        if req.running and req.num_allocated + num_new_tokens > known:
+            raise RequestError(
+                f"request {request_id!r}: allocating tokens up to "
+                f"{req.num_allocated - req.offset + num_new_tokens} but only "
+                f"{known - req.offset} are known; pass the new token ids"
+            )
+        if new_token_ids:
+            req.tokens.extend(new_token_ids)
+            req.hasher.update(req.tokens)
+        if req.running:
+            self._commit(req)
+            end = req.num_computed + num_new_tokens
+            demand = self._demand(req, end)
+            result = _OK
+            if demand is None:  # the held pages already cover the new tokens
+                req.num_allocated = end
+            elif self.alloc.feasible(demand):
+                self._take(req, demand)
+                req.num_allocated = end
+                self._register_pages(req)
+            else:
+                result = AllocationResult(False, reason=self._refusal(demand))
+        else:
+            try:
+                result = self._allocate_first(req, num_new_tokens)
+            except RequestError:
+                result = None
+                raise
+            finally:
+                if result is None and new_token_ids:
+                    del req.tokens[len(req.tokens) - len(new_token_ids) :]
+                    req.hasher.truncate(len(req.tokens))
+        if not result and new_token_ids:  # a refusal changes nothing: forget the tokens
+            del req.tokens[len(req.tokens) - len(new_token_ids) :]
+            req.hasher.truncate(len(req.tokens))
+        return result
+
+    def _allocate_first(self, req: _Request, num_new_tokens: int) -> AllocationResult:
+        length, share = self._find_hit(req)
+        if length < req.offset:  # a hit inside the encoder tokens only: recompute them
+            length, share = 0, {}
+        end = length + num_new_tokens + (req.offset if length == 0 else 0)
+        if end > len(req.tokens):
+            raise RequestError(
+                f"request {req.rid!r}: {num_new_tokens} new tokens after a "
+                f"{max(0, length - req.offset)}-token cache hit go beyond its "
+                f"{len(req.tokens) - req.offset} known tokens (see lookup)"
+            )
+        alloc = self.alloc
+        cross_hits = self._find_images(req)
+        shared = [
+            (k, p) for part in (share, cross_hits) for k, pages in part.items() for p in pages
+        ]
+        undo = [(k, p, alloc.ts[k][p], alloc.tie[k][p]) for k, p in shared if alloc.ref[k][p] == 0]
+        for k, p in shared:
+            alloc.share(k, p)
+        demand = self._demand_first(req, length, end, share, cross_hits)
+        if not alloc.feasible(demand):
+            for k, p in shared:
+                alloc.release(k, p, 0.0)
+            for k, p, ts, tie in undo:  # evictable again, at their old access times
+                alloc.restore_ts(k, p, ts, tie)
+            return AllocationResult(False, reason=self._refusal(demand))
+        # Commit: install the hit, then take the new pages.
+        for k in self._token_kinds:
+            tpp = self._tpp[k]
+            pages = share.get(k, [])
+            lo = length // tpp - len(pages)
+            req.pages[k] = [None] * lo + list(pages)
+            req.first[k] = lo
+            req.registered[k] = length // tpp
+        for k in self._state_kinds:
+            if k in share:
+                req.cur[k] = list(share[k])
+                req.frozen[k] = True
+        self._take_cross(req, demand)
+        self._take(req, demand)
+        req.running = True
+        req.num_computed = length
+        req.num_allocated = end
+        self._register_pages(req)
+        hit = max(0, length - req.offset)
+        self.hit_tokens += hit
+        self.queried_tokens += len(req.tokens) - req.offset
+        return AllocationResult(True, num_cached_tokens=hit)
+
+    def _find_images(self, req: _Request) -> dict[int, list[int]]:
+        """Per cross kind: the cached pages of the request's images found whole."""
+        hits: dict[int, list[int]] = {}
+        self._image_hits = {}
+        if not self.enable_prefix_caching:
+            return hits
+        for k in self._cross_kinds:
+            found, per_image = [], []
+            for im in req.encoder_images:
+                keys = [(im.content_hash, j) for j in range(-(-im.num_tokens // self._tpp[k]))]
+                pages = [self.alloc.cache[k].get(key) for key in keys]
+                whole = None not in pages
+                per_image.append(pages if whole else None)
+                if whole:
+                    found.extend(pages)
+            hits[k] = found
+            self._image_hits[k] = per_image
+        return hits
+
+    def _demand_first(self, req, length, end, share, cross_hits) -> list[int]:
+        demand = [0] * self.num_kinds
+        for k in self._token_kinds:
+            demand[k] = -(-end // self._tpp[k]) - length // self._tpp[k]
+        for k in self._state_kinds:
+            demand[k] = self._per_state[k]
+        for k in self._cross_kinds:
+            total = sum(-(-im.num_tokens // self._tpp[k]) for im in req.encoder_images)
+            demand[k] = total - len(cross_hits.get(k, ()))
+        return demand
+
+    def _demand(self, req: _Request, end: int) -> list[int] | None:
+        """New pages per kind to cover tokens up to `end`; None when none are needed."""
+        demand = None
+        tpps, pages = self._tpp, req.pages
+        for k in self._token_kinds:
+            need = -(-end // tpps[k]) - len(pages[k])
+            if need > 0:
+                if demand is None:
+                    demand = [0] * self.num_kinds
+                demand[k] = need
+        for k in self._state_kinds:
+            if req.cur[k] is None or req.frozen[k]:
+                if demand is None:
+                    demand = [0] * self.num_kinds
+                demand[k] = self._per_state[k]
+        return demand
+
+    def _take(self, req: _Request, demand: list[int]) -> None:
+        alloc = self.alloc
+        for k in self._token_kinds:
+            pages, owned = req.pages[k], req.owned[k]
+            for _ in range(demand[k]):
+                pages.append(alloc.take(k, req, owned, demand))
+        for k in self._state_kinds:
+            for _ in range(demand[k]):  # the pages the next step writes the state into
+                req.pages[k].append(alloc.take(k, req, req.owned[k], demand))
+
+    def _take_cross(self, req: _Request, demand) -> None:
+        """Cross pages per image: the cached ones found by `_find_images`, or new ones."""
+        alloc = self.alloc
+        for k in self._cross_kinds:
+            found = self._image_hits.get(k) or [None] * len(req.encoder_images)
+            for im, pages in zip(req.encoder_images, found):
+                if pages is not None:
+                    req.cross_pages[k].extend(pages)
+                    continue
+                for j in range(-(-im.num_tokens // self._tpp[k])):
+                    page = alloc.take(k, req, req.owned[k], demand)
+                    req.cross_pages[k].append(page)
+                    key = (im.content_hash, j)
+                    if self.enable_prefix_caching and alloc.register(k, page, key, im.content_hash):
+                        req.fresh.append((k, page))
+
+    def _refusal(self, demand: list[int]) -> str:
+        parts = [f"{self.plan.kinds[k].rule.name}: {d}" for k, d in enumerate(demand) if d]
+        return (
+            f"not enough free pages (need {', '.join(parts)}; "
+            f"{self.alloc.num_empty} empty large pages)"
+        )
+
+    # ------------------------------------------------------------------ commit
+    def _commit(self, req: _Request) -> None:
+        """The last allocation's tokens are computed: cache full pages, release dead ones."""
+        n = req.num_allocated
+        old = req.num_computed
+        req.fresh = []
+        if n == old:
+            return
+        alloc = self.alloc
+        hashes = req.hasher.hashes
+        caching = self.enable_prefix_caching
+        self._clock += 1
+        ts = self._clock
+        for k in self._windowed_kinds:
+            tpp, pages = self._tpp[k], req.pages[k]
+            dead = self._first_needed(k, n) // tpp
+            if dead > req.first[k]:
+                for p in range(req.first[k], dead):
+                    page = pages[p]
+                    if page is not None:
+                        pages[p] = None
+                        alloc.release(k, page, *self._stamp(ts, (p + 1) * tpp))
+                req.first[k] = dead
+        for k in self._state_kinds:
+            written = req.pages[k]
+            if written:  # the step wrote the state into new pages
+                for page in req.cur[k] or ():
+                    alloc.release(k, page, *self._stamp(ts, old))
+                req.cur[k] = written
+                req.pages[k] = []
+            interval = self._interval[k]
+            if caching and interval and n % interval == 0 and n > old:
+                h = hashes[n // self.plan.block_size - 1]
+                for j, page in enumerate(req.cur[k]):
+                    alloc.register(k, page, (h, j), h)
+                req.frozen[k] = True
+            else:
+                req.frozen[k] = False
+        req.num_computed = n
+
+    def _register_pages(self, req: _Request) -> None:
+        """Make the request's newly full pages findable in the prefix cache.
+
+        Done at allocation, as vLLM does: a request admitted in the same step may
+        share them, because a step writes every new K/V into the pool before any
+        attention reads it. (States are cached only once computed, in `_commit`.)
+        """
+        if not self.enable_prefix_caching:
+            return
+        hashes, registered, end = req.hasher.hashes, req.registered, req.num_allocated
+        for k in self._token_kinds:
+            full = end // self._tpp[k]
+            if registered[k] < full:
+                span, pages = self._span[k], req.pages[k]
+                for p in range(registered[k], full):
+                    page = pages[p]
+                    if page is not None and self.alloc.register(
+                        k, page, hashes[(p + 1) * span - 1]
+                    ):
+                        req.fresh.append((k, page))
+                registered[k] = full
+
+    def _stamp(self, ts: int, prefix_len: int) -> tuple[float, int]:
+        """Eviction key of a page released now: (access time, tie-break)."""
+        if self._balanced:
+            return ts, -prefix_len  # aligned: among equal times the longer prefix goes first
+        self._clock += 1  # one global LRU in release order
+        return self._clock, 0
+
+    # ------------------------------------------------------------------ free
+    def free(self, request_id: str, *, last_step_computed: bool = True) -> None:
+        """A finished or aborted request gives back every page; full pages stay cached."""
+        req = self._get(request_id)
+        self._release_all(req, last_step_computed)
+        del self._requests[request_id]
+
+    def preempt(self, request_id: str) -> None:
+        """Release a running request's pages; it waits to be allocated again (recompute)."""
+        req = self._get(request_id)
+        if not req.running:
+            raise RequestError(f"request {request_id!r} is not running")
+        self._release_all(req, True)
+        req._reset(self.num_kinds)
+        req.running = False
+        req.num_computed = req.num_allocated = 0
+
+    def _release_all(self, req: _Request, computed: bool) -> None:
+        if not req.running:
+            return
+        alloc = self.alloc
+        if computed:
+            self._commit(req)
+        else:  # the last step never ran: what it cached holds nothing valid
+            for k, page in req.fresh:
+                if alloc.ref[k][page] == 1:
+                    alloc.unregister(k, page)
+            req.fresh = []
+        self._clock += 1
+        ts = self._clock
+        for k in range(self.num_kinds):
+            tpp = self._tpp[k]
+            pages = req.pages[k]
+            if self._type[k] is STATE:
+                for page in list(pages) + list(req.cur[k] or ()):
+                    alloc.release(k, page, *self._stamp(ts, req.num_computed))
+                continue
+            if self._type[k] is CROSS:
+                pages = req.cross_pages[k]
+            for p in range(len(pages) - 1, -1, -1):  # tail first
+                page = pages[p]
+                if page is not None:
+                    alloc.release(k, page, *self._stamp(ts, (p + 1) * max(tpp, 1)))
+        req.running = False
+
+    def reset_cache(self) -> int:
+        """Evict every cached page no running request holds. Returns how many."""
+        return self.alloc.evict_all()
+
+    # ------------------------------------------------------------------ views
+    def block_table(self, request_id: str, kind: int) -> list[int | None]:
+        """Page ids of one kind for the request, by page index (None: released or unused).
+
+        Token kinds: page i holds tokens [i * tokens_per_page, (i + 1) * tokens_per_page).
+        Cross kinds: the images' pages in order. State kinds: the pages_per_state pages
+        holding the state the next step reads (None: the zero state), then the pages it
+        writes (the same pages when the state is updated in place).
+        """
+        req = self._get(request_id)
+        t = self._type[kind]
+        if t is CROSS:
+            return list(req.cross_pages[kind])
+        if t is STATE:
+            read = req.cur[kind] or [None] * self._per_state[kind]
+            return list(read) + list(req.pages[kind] or read)
+        return list(req.pages[kind])
+
+    def running_ids(self) -> list[str]:
+        return [rid for rid, r in self._requests.items() if r.running]
+
+    def needed_bytes(self) -> int:
+        """Bytes running requests truly need: the ideal, with no page rounding.
+
+        Per layer kind of the model: the K/V of the tokens its queries still read (every
+        token for full attention, the window or the current chunk otherwise), of the
+        encoder tokens of each distinct image, and one state per request. Tokens that
+        several requests share through the prefix cache (same chained block hash) count
+        once.
+        """
+        running = [r for r in self._requests.values() if r.running]
+        block = self.plan.block_size
+        total = 0
+        for g in self.layout.groups:
+            t = g.kind.type
+            if t is STATE:
+                total += len(running) * g.state_bytes
+            elif t is CROSS:
+                images = {
+                    im.content_hash: im.num_tokens for r in running for im in r.encoder_images
+                }
+                total += sum(images.values()) * g.bytes_per_token
+            else:
+                total += _live_tokens(running, g.kind, block) * g.bytes_per_token
+        return total
+
+    def stats(self) -> CacheStats:
+        alloc = self.alloc
+        pb = alloc.page_bytes
+        pool = alloc.num_large * alloc.large_bytes
+        empty = alloc.num_empty * alloc.large_bytes
+        cached = sum(c * b for c, b in zip(alloc.ncached, pb))
+        return CacheStats(
+            pool_bytes=pool,
+            held_bytes=pool - empty - cached,
+            running_bytes=sum(h * b for h, b in zip(alloc.nheld, pb)),
+            needed_bytes=self.needed_bytes(),
+            cached_only_bytes=cached,
+            empty_bytes=empty,
+            pages_per_kind=tuple(alloc.nheld),
+            cached_pages_per_kind=tuple(alloc.ncached),
+            num_running=sum(1 for r in self._requests.values() if r.running),
+            hit_tokens=self.hit_tokens,
+            queried_tokens=self.queried_tokens,
+            evicted_pages=alloc.evicted_pages,
+        )
+
+
+def _live_tokens(running: Sequence[_Request], kind, block: int) -> int:
+    """Distinct tokens whose K/V running requests still read in layers of `kind`.
+
+    A full block is identified by its chained hash, so blocks shared through the
+    prefix cache count once; of a block, the part from the earliest live token is live.
+    """
+    ids: list[int] = []
+    offsets: list[int] = []
+    private = 0
+    for req in running:
+        n = max(0, req.num_computed - req.offset)
+        lo = req.offset + kind.first_needed_token(n)
+        end = req.num_allocated
+        first_block, last_block = lo // block, end // block
+        private += end - max(lo, last_block * block)  # the partial block at the end
+        if last_block > first_block:
+            ids.extend(req.hasher.ids[first_block:last_block])
+            offsets.append(lo - first_block * block)
+            offsets.extend([0] * (last_block - first_block - 1))
+    if not ids:
+        return private
+    ids_arr = np.asarray(ids, dtype=np.int64)
+    off_arr = np.asarray(offsets, dtype=np.int64)
+    order = np.lexsort((off_arr, ids_arr))  # by block, smallest offset first
+    ids_arr, off_arr = ids_arr[order], off_arr[order]
+    first = np.ones(len(ids_arr), dtype=bool)
+    first[1:] = ids_arr[1:] != ids_arr[:-1]
+    return private + int((block - off_arr[first]).sum())
+
+
+def _cumsum(values: Sequence[int]) -> list[int]:
+    out, acc = [], 0
+    for v in values:
+        out.append(acc)
+        acc += v
+    return out
+
+
+def _prefix_counts(pages: Sequence[int | None]) -> list[int]:
+    """counts[i] = how many of pages[:i] are missing."""
+    counts = [0]
+    for p in pages:
+        counts.append(counts[-1] + (p is None))
+    return counts

@@ -1,0 +1,260 @@
+"""Page plans: how a layout's kinds become allocator page sizes.
+
+Three plans share one manager and allocator, so every comparison runs the same code:
+  jenga    one page size per kind, large page = LCM, request-aware placement,
+           balanced and aligned eviction;
+  paged    PagedAttention as in vLLM v0: one page size (the largest kind's bytes per
+           token over all attention layers), every layer keeps every token, encoder
+           (image) tokens stored in all layers; states padded to whole pages;
+  uniform  the vLLM v1 hybrid manager: layers of each kind split into groups of equal
+           size (padding layers where counts do not divide), one byte size for all
+           pages by scaling tokens per page (and padding state pages), per-kind
+           freeing, one global LRU in release order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+from jenga_jax.core.errors import LayoutError
+from jenga_jax.core.layer_kinds import AttentionType, LayerKind
+from jenga_jax.core.layout import ModelLayout
+
+ALLOCATORS = ("jenga", "paged", "uniform")
+_MAX_HIT_GRANULARITY = 8  # jenga: lcm of tokens per page at most this many target pages
+_ALIGN = 16  # tokens-per-page alignment the uniform plan keeps (attention kernels' block)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedKind:
+    """One allocator kind: pages of one size holding one rule's K/V (or state)."""
+
+    rule: LayerKind  # type, window, chunk, checkpoint interval of what the page holds
+    num_layers: int  # layers stored per page, padding layers included
+    tokens_per_page: int  # 0 for a state kind
+    page_bytes: int
+    layer_indices: tuple[int, ...]  # the real layers whose data the page holds
+    pages_per_state: int = 1  # STATE: one state spans this many pages (layer sub-groups)
+
+    @property
+    def layers_per_page(self) -> int:
+        return self.num_layers // self.pages_per_state
+
+    @property
+    def type(self) -> AttentionType:
+        return self.rule.type
+
+    @property
+    def is_token_kind(self) -> bool:
+        return self.rule.is_token_kind
+
+
+@dataclasses.dataclass(frozen=True)
+class PagePlan:
+    allocator: str
+    layout: ModelLayout
+    kinds: tuple[PlannedKind, ...]
+    large_page_bytes: int
+    block_size: int  # hash granularity in tokens: divides every token kind's page
+    images_inline: bool  # encoder tokens stored in the token stream (paged baseline)
+    balanced_eviction: bool  # jenga: one access time per request and step, longer prefix first
+
+    @property
+    def hit_granularity(self) -> int:
+        """A prefix hit length is a multiple of this (every kind's page, every checkpoint)."""
+        g = 1
+        for k in self.kinds:
+            if k.is_token_kind:
+                g = math.lcm(g, k.tokens_per_page)
+            elif k.type is AttentionType.STATE and k.rule.checkpoint_interval:
+                g = math.lcm(g, k.rule.checkpoint_interval)
+        return g
+
+    def describe(self) -> str:
+        rows = [
+            f"  {k.rule.name:<40} layers={k.num_layers:<3} tokens/page={k.tokens_per_page:<5} "
+            f"page={k.page_bytes:>11,} B  x{self.large_page_bytes // k.page_bytes}"
+            for k in self.kinds
+        ]
+        head = (
+            f"{self.allocator} plan for {self.layout.name}: large page {self.large_page_bytes:,} B"
+        )
+        return "\n".join([head, *rows])
+
+
+def make_plan(
+    layout: ModelLayout,
+    allocator: str = "jenga",
+    tokens_per_page: int = 16,
+    *,
+    fixed_tokens_per_page: bool = False,
+) -> PagePlan:
+    """The page plan of one allocator for a layout.
+
+    For jenga, `tokens_per_page` is a target: each kind's tokens per page (within
+    [target / 2, 8 x target]) and the layers one state page holds are chosen to keep
+    the LCM small (see `_jenga`), unless `fixed_tokens_per_page`.
+    """
+    if allocator not in ALLOCATORS:
+        raise LayoutError(f"unknown allocator {allocator!r}; choose one of {ALLOCATORS}")
+    if not isinstance(tokens_per_page, int) or tokens_per_page <= 0:
+        raise LayoutError(f"tokens_per_page must be a positive int, got {tokens_per_page!r}")
+    if allocator == "jenga":
+        plan = _jenga(layout, tokens_per_page, search=not fixed_tokens_per_page)
+    else:
+        plan = {"paged": _paged, "uniform": _uniform}[allocator](layout, tokens_per_page)
+    return plan
+
+
+def _page(rule: LayerKind, num_layers: int, tpp: int) -> int:
+    if rule.type is AttentionType.STATE:
+        return rule.state_bytes * num_layers
+    return tpp * rule.bytes_per_token * num_layers
+
+
+def _jenga(layout: ModelLayout, tpp: int, search: bool = True) -> PagePlan:
+    """One page size per kind; tokens per page chosen per kind to keep the LCM small.
+
+    A large LCM leaves free small pages of one kind inside large pages that another
+    kind cannot use (fragmentation); large pages cost rounding in each request's last
+    page. For every choice of tokens per page t_k (token and cross kinds) and of
+    layers per state page (a state then spans several pages, allocated together) we
+    estimate the bytes one request loses to both, and keep the cheapest plan:
+      rounding       t_k / 2 tokens per request (t_k for a sliding window: both ends);
+      fragmentation  (ratio_k - 1) / 2 pages of its own partial large page per kind.
+    """
+    groups = layout.groups
+    tokens = [g for g in groups if g.kind.type is not AttentionType.STATE]
+    states = [g for g in groups if g.kind.type is AttentionType.STATE]
+    tpp_options = [[tpp] for _ in tokens]
+    if search and len(tokens) <= 3:
+        tpp_options = [list(range(_smallest_tpp(g.kind, tpp), 8 * tpp + 1)) for g in tokens]
+    state_options = [_divisors(g.num_layers) if search else [g.num_layers] for g in states]
+    best, best_cost = None, None
+    for state_layers in itertools.product(*state_options):
+        state_pages = [g.kind.state_bytes * d for g, d in zip(states, state_layers)]
+        base = math.lcm(*state_pages) if state_pages else 1
+        for tpps in itertools.product(*tpp_options):
+            if math.lcm(*tpps) > _MAX_HIT_GRANULARITY * tpp:
+                continue  # prefix hits would come only every lcm(tokens per page) tokens
+            pages = [t * g.bytes_per_token for t, g in zip(tpps, tokens)]
+            large = math.lcm(base, *pages)
+            cost = 0.0
+            for t, g, page in zip(tpps, tokens, pages):
+                ends = 2 if g.kind.type is AttentionType.SLIDING else 1
+                cost += ends * t / 2 * g.bytes_per_token + (large // page - 1) / 2 * page
+            for g, d, page in zip(states, state_layers, state_pages):
+                per_state, ratio = g.num_layers // d, large // page
+                if per_state % ratio:
+                    cost += (ratio - per_state % ratio) / 2 * page
+            cost += sum(abs(math.log2(t / tpp)) for t in tpps) * 1e-3  # ties: near the target
+            if best_cost is None or cost < best_cost:
+                best, best_cost = (tpps, state_layers), cost
+    tpps, state_layers = best
+    chosen = dict(zip([g.kind for g in tokens], tpps))
+    per_layer = dict(zip([g.kind for g in states], state_layers))
+    kinds = []
+    for g in groups:
+        if g.kind.type is AttentionType.STATE:
+            d = per_layer[g.kind]
+            kinds.append(
+                PlannedKind(
+                    g.kind,
+                    g.num_layers,
+                    0,
+                    g.kind.state_bytes * d,
+                    g.layer_indices,
+                    pages_per_state=g.num_layers // d,
+                )
+            )
+        else:
+            t = chosen[g.kind]
+            kinds.append(
+                PlannedKind(g.kind, g.num_layers, t, t * g.bytes_per_token, g.layer_indices)
+            )
+    return _finish("jenga", layout, tuple(kinds), tpp, images_inline=False, balanced=True)
+
+
+def _smallest_tpp(kind: LayerKind, tpp: int) -> int:
+    """Pages are at least the target size, but a window of at most 16 pages may use halves."""
+    if kind.type is AttentionType.SLIDING and kind.window <= 16 * tpp:
+        return max(1, tpp // 2)
+    return tpp
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _paged(layout: ModelLayout, tpp: int) -> PagePlan:
+    attn = [g for g in layout.groups if g.kind.type is not AttentionType.STATE]
+    states = [g for g in layout.groups if g.kind.type is AttentionType.STATE]
+    kinds = []
+    page = 0
+    if attn:
+        widest = max((g.kind for g in attn), key=lambda k: k.bytes_per_token)
+        rule = LayerKind(AttentionType.FULL, widest.num_kv_heads, widest.head_dim, widest.dtype)
+        layers = tuple(sorted(i for g in attn for i in g.layer_indices))
+        page = _page(rule, len(layers), tpp)
+        kinds.append(PlannedKind(rule, len(layers), tpp, page, layers))
+    if states:
+        total = sum(g.state_bytes for g in states)
+        padded = total if not page else -(-total // page) * page
+        rule = LayerKind(AttentionType.STATE, state_bytes=padded)
+        layers = tuple(sorted(i for g in states for i in g.layer_indices))
+        kinds.append(PlannedKind(rule, 1, 0, padded, layers))
+    has_cross = layout.has(AttentionType.CROSS)
+    return _finish("paged", layout, tuple(kinds), tpp, images_inline=has_cross, balanced=True)
+
+
+def _uniform(layout: ModelLayout, tpp: int) -> PagePlan:
+    groups = layout.groups
+    counts = [g.num_layers for g in groups]
+    size = min(counts)
+    if max(counts) < size * 1.25:
+        size = max(counts)
+    # Natural page of every kind at the base tokens per page, `size` layers per group.
+    natural = [_page(g.kind, size, tpp) for g in groups]
+    target = max(natural)
+    kind_tpp, kind_bytes = [], []
+    for g in groups:
+        if g.kind.type is AttentionType.STATE:
+            kind_tpp.append(0)
+            kind_bytes.append(g.kind.state_bytes * size)
+        else:
+            per_token = g.kind.bytes_per_token * size
+            t = _ALIGN * -(-target // (_ALIGN * per_token)) if per_token * tpp < target else tpp
+            kind_tpp.append(t)
+            kind_bytes.append(t * per_token)
+    unified = max(kind_bytes)
+    kinds = []
+    for g, t in zip(groups, kind_tpp):
+        rule = g.kind
+        for start in range(0, g.num_layers, size):
+            layers = g.layer_indices[start : start + size]
+            kinds.append(PlannedKind(rule, size, t, unified, layers))
+    return _finish("uniform", layout, tuple(kinds), tpp, images_inline=False, balanced=False)
+
+
+def _finish(name, layout, kinds, tpp, *, images_inline, balanced) -> PagePlan:
+    """Large page = LCM of the pages; state checkpoints rounded up to whole pages."""
+    token_tpps = [k.tokens_per_page for k in kinds if k.is_token_kind]
+    pages_lcm = math.lcm(*token_tpps) if token_tpps else 1
+    kinds = tuple(
+        dataclasses.replace(
+            k,
+            rule=dataclasses.replace(
+                k.rule, checkpoint_interval=-(-k.rule.checkpoint_interval // pages_lcm) * pages_lcm
+            ),
+        )
+        if k.type is AttentionType.STATE and k.rule.checkpoint_interval
+        else k
+        for k in kinds
+    )
+    large = 1
+    for k in kinds:
+        large = math.lcm(large, k.page_bytes)
+    block = math.gcd(*token_tpps) if token_tpps else tpp
+    return PagePlan(name, layout, kinds, large, block, images_inline, balanced)

@@ -1,0 +1,154 @@
+"""Exact cache-hit rules of each kind and the eviction order, with literal expected values."""
+
+from __future__ import annotations
+
+from jenga_jax.core import ImageInput, KVCacheManager, ModelLayout, make_plan
+from jenga_jax.core import layer_kinds as lk
+from jenga_jax.core.invariants import check_manager
+
+
+def manager(*kinds, allocator="jenga", tpp=4, num_large=64):
+    layout = ModelLayout("t", tuple(kinds))
+    plan = make_plan(layout, allocator, tpp, fixed_tokens_per_page=True)
+    return KVCacheManager(layout, plan.large_page_bytes * num_large, plan=plan)
+
+
+def run(m, rid, prompt, chunks=None, images=()):
+    """Prefill `prompt` in `chunks`, decode one token, finish."""
+    m.add_request(rid, prompt, images=images)
+    for n in chunks or [len(prompt)]:
+        assert m.allocate(rid, n)
+    assert m.allocate(rid, 1, [999])
+    m.free(rid)
+    check_manager(m)
+
+
+A = list(range(100, 120))  # 20 distinct tokens
+
+
+def test_full_attention_hits_every_page_of_the_prefix_never_the_whole_prompt():
+    m = manager(lk.full(1, 4))
+    run(m, "a", A[:10])  # pages [0-3] and [4-7] are full and cached; [8-11] is partial
+    m.add_request("b", A[:8] + [1, 2])
+    assert m.lookup("b") == 8
+    m.add_request("c", A[:7] + [1, 2])
+    assert m.lookup("c") == 4
+    m.add_request("d", A[:8])  # a hit of 8 would leave no token to compute
+    assert m.lookup("d") == 4
+    m.add_request("e", [1] + A[1:10])
+    assert m.lookup("e") == 0
+
+
+def test_sliding_window_needs_only_the_pages_in_its_window():
+    m = manager(lk.sliding(5, 1, 4))  # a query at L reads keys [L - 4, L)
+    run(m, "a", A[:16] + [1])
+    k = 0
+    m.add_request("b", A[:16] + [2])
+    hashes = m._requests["b"].hasher.hashes
+    m.alloc._evict(k, m.alloc.cache[k][hashes[0]])  # drop tokens [0, 4)
+    m.alloc._evict(k, m.alloc.cache[k][hashes[1]])  # drop tokens [4, 8)
+    assert m.lookup("b") == 16  # needs [12, 16) only
+    m.add_request("c", A[:12] + [3])
+    assert m.lookup("c") == 12  # needs [8, 12): page 2 is there
+    m.add_request("d", A[:8] + [3])
+    assert m.lookup("d") == 0  # needs [4, 8): evicted, and L = 4 needs [0, 4): evicted
+
+
+def test_chunked_local_needs_only_the_current_chunk():
+    m = manager(lk.chunked(8, 1, 4))  # chunks [0, 8), [8, 16), ...
+    run(m, "a", A[:20])
+    m.add_request("b", A[:17] + [5])
+    hashes = m._requests["b"].hasher.hashes
+    for p in (0, 2):  # evict tokens [0, 4) and [8, 12)
+        m.alloc._evict(0, m.alloc.cache[0][hashes[p]])
+    assert m.lookup("b") == 16  # a chunk boundary: reads nothing older (its last page is there)
+    m.add_request("c", A[:15] + [5])
+    assert m.lookup("c") == 8  # L = 12 would need [8, 12), evicted; L = 8 is a boundary
+    fresh = manager(lk.chunked(8, 1, 4))
+    fresh.add_request("x", A[:20])
+    assert fresh.lookup("x") == 0  # nothing cached: no hit, boundary or not
+
+
+def test_state_kind_hits_only_at_a_saved_checkpoint():
+    layers = (lk.full(1, 4), lk.state(32, checkpoint_interval=8))
+    m = manager(*layers)
+    run(m, "a", A[:20], chunks=[8, 8, 4])  # steps end at 8, 16: checkpoints saved there
+    m.add_request("b", A[:20] + [7])
+    assert m.lookup("b") == 16  # full attention could serve 20; the state only 16
+    m2 = manager(*layers)
+    run(m2, "a", A[:20])  # one step: no step ended on a checkpoint
+    m2.add_request("b", A[:20] + [7])
+    assert m2.lookup("b") == 0
+    # The hit installs the checkpoint as the state to read and a new page to write.
+    assert m.allocate("b", 5).num_cached_tokens == 16
+    read, write = m.block_table("b", 1)
+    assert read is not None and write is not None and read != write
+
+
+def test_cross_attention_pages_are_keyed_by_image_and_shared():
+    m = manager(lk.full(1, 4), lk.cross(1, 4))
+    image = ImageInput("cat", 6, 0)  # 2 pages of 4 tokens
+    m.add_request("a", A[:5], images=[image])
+    assert m.allocate("a", 5)
+    pages_a = m.block_table("a", 1)
+    assert len(pages_a) == 2
+    assert m.allocate("a", 1, [1])  # commits: the image pages enter the cache
+    m.add_request("b", [7, 8, 9], images=[image])
+    assert m.allocate("b", 3)
+    assert m.block_table("b", 1) == pages_a
+    assert m.alloc.ref[1][pages_a[0]] == 2
+    check_manager(m)
+
+
+def test_eviction_is_aligned_longest_prefix_first():
+    m = manager(lk.full(1, 4), num_large=4)
+    run(m, "a", A[:13])  # pages of [0,4) [4,8) [8,12) cached, one access time
+    hashes = [m.alloc.key[0][p] for p in sorted(m.alloc.key[0])]
+    assert len(hashes) == 3
+    m.add_request("b", [1, 2, 3, 4, 5])  # needs 2 pages: 1 empty + 1 eviction
+    assert m.allocate("b", 5)
+    m.add_request("probe", A[:13])
+    assert m.lookup("probe") == 8  # the tail page [8, 12) went first, [0, 8) survive
+
+
+def test_eviction_is_balanced_one_time_per_request_across_kinds():
+    layers = (lk.full(1, 4), lk.sliding(64, 1, 4))
+    jenga = manager(*layers)
+    run(jenga, "a", A[:13])
+    times = {(k, jenga.alloc.ts[k][p]) for k in range(2) for p in jenga.alloc.key[k]}
+    assert {t for _, t in times} == {jenga.alloc.ts[0][next(iter(jenga.alloc.key[0]))]}
+    uniform = manager(*layers, allocator="uniform")
+    run(uniform, "a", A[:13])
+    order = sorted(
+        (uniform.alloc.ts[k][p], k, uniform.alloc.tie[k][p], p)
+        for k in range(uniform.num_kinds)
+        for p in uniform.alloc.key[k]
+    )
+    # One global LRU in release order: kind 0's pages (tail first) all go before kind 1's.
+    assert [k for _, k, _, _ in order] == [0, 0, 0, 1, 1, 1]
+    assert len({t for t, _, _, _ in order}) == 6
+
+
+def test_pages_of_one_image_are_evicted_together():
+    m = manager(lk.full(1, 4), lk.cross(1, 4))
+    m.add_request("a", A[:3], images=[ImageInput("dog", 12, 0)])  # 3 cross pages
+    assert m.allocate("a", 3)
+    m.free("a")
+    cached = [p for p in m.alloc.key[1]]
+    assert len(cached) == 3
+    m.alloc._evict(1, cached[1])
+    assert m.alloc.key[1] == {}
+    assert m.alloc.ncached[1] == 0
+    check_manager(m)
+
+
+def test_out_of_window_pages_are_released_during_decode():
+    m = manager(lk.sliding(8, 1, 4), num_large=64)
+    m.add_request("a", A[:4])
+    assert m.allocate("a", 4)
+    for t in range(12):
+        assert m.allocate("a", 1, [t])
+    # 15 tokens computed, the next query (position 15) reads [8, 16): pages 0, 1 released.
+    table = m.block_table("a", 0)
+    assert table[:2] == [None, None] and None not in table[2:]
+    assert m.stats().pages_per_kind == (2,)
