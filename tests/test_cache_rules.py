@@ -152,3 +152,19 @@ def test_out_of_window_pages_are_released_during_decode():
     table = m.block_table("a", 0)
     assert table[:2] == [None, None] and None not in table[2:]
     assert m.stats().pages_per_kind == (2,)
+
+
+def test_needed_bytes_count_shared_pages_once_and_only_live_tokens():
+    m = manager(lk.full(1, 4), lk.sliding(6, 1, 4))  # 16 bytes per token per layer
+    m.add_request("a", A[:10])
+    assert m.allocate("a", 10)
+    m.add_request("b", A[:8] + [1, 2, 3])
+    assert m.allocate("b", 3).num_cached_tokens == 8  # shares pages [0, 8) of "a"
+    # full: a's 10 tokens + b's own 3 = 13; sliding (a query at 10 or 11 reads 5 back):
+    # a reads [4, 10) (n = 0 this step: all 10), b reads [3, 11) of which [3, 8) is shared
+    # with a, so distinct = a's [0, 10) + b's [8, 11) = 13 as well.
+    assert m.needed_bytes() == (13 + 13) * 16
+    assert m.allocate("a", 1, [7])  # a computed 10 tokens: its window starts at 5
+    # a: full [0, 11), sliding [5, 11); b: full [8, 11) own, sliding [3, 11) with [3, 8) shared
+    # sliding distinct: pages [0,4) -> from 3 (b) = 1; [4,8) = 4; a's [8, 11) = 3; b's [8, 11) = 3
+    assert m.needed_bytes() == ((11 + 3) + (1 + 4 + 3 + 3)) * 16

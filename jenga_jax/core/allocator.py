@@ -66,6 +66,12 @@ class TwoLevelAllocator:
         self.nheld = [0 for _ in kinds]
         self.nzero = [0 for _ in kinds]  # split large pages with no held page
         self.evicted_pages = 0
+        # Balanced eviction: an evictable page released by a still-running request (out
+        # of its window) counts as accessed at that request's latest step. `owner` maps
+        # such pages to their request; `last_access(owner)` (set by the manager) gives
+        # that step, or None once the request is gone. Refreshed lazily, on eviction.
+        self.owner: list[dict[int, object]] = [{} for _ in kinds]
+        self.last_access = lambda owner: None
 
     # ------------------------------------------------------------------ queries
     def state(self, k: int, p: int) -> str:
@@ -189,6 +195,7 @@ class TwoLevelAllocator:
             self.ncached[k] -= 1
             self.lcached[big] -= 1
             self.ver[k][p] += 1
+            self.owner[k].pop(p, None)
             self._hold_new(k, big)
         ref[p] += 1
 
@@ -292,6 +299,7 @@ class TwoLevelAllocator:
             if self.ref[k][q] or q not in self.key[k]:
                 continue  # a group member still held keeps its key until released
             del self.cache[k][self.key[k].pop(q)]
+            self.owner[k].pop(q, None)
             g = self.group[k].pop(q, None)
             if g is not None:
                 members = self.group_pages[k][g]
@@ -314,6 +322,8 @@ class TwoLevelAllocator:
                 _, _, p, v = entry
                 if v != self.ver[k][p]:
                     continue
+                if self._refresh(k, p):
+                    continue
                 if restricted and self.lheld[p // self.ratio[k]] == 0:
                     skipped.append(entry)
                     continue
@@ -330,10 +340,28 @@ class TwoLevelAllocator:
             if v != self.lver[big] or self.lheld[big] or not self.lcached[big]:
                 continue
             k = self.lkind[big]
-            for q in self._cached_in(big):
+            cached = self._cached_in(big)
+            if any([self._refresh(k, q) for q in cached]):
+                self._push_large(big)
+                continue
+            for q in cached:
                 self._evict(k, q)
             return True
         return False
+
+    def _refresh(self, k: int, p: int) -> bool:
+        """Give evictable page p its owner's newer access time, if it has one."""
+        owner = self.owner[k].get(p)
+        if owner is None:
+            return False
+        newer = self.last_access(owner)
+        if newer is None or newer <= self.ts[k][p]:
+            del self.owner[k][p]
+            return False
+        self.ts[k][p] = newer
+        v = self.ver[k][p] = self.ver[k][p] + 1
+        heapq.heappush(self.evict_heap[k], (newer, self.tie[k][p], p, v))
+        return True
 
     def evict_all(self) -> int:
         """Drop every evictable page from the cache (a cache reset). Returns how many."""

@@ -40,7 +40,6 @@ class BlockHasher:
         self.adapter = adapter
         self.salt = salt
         self.hashes: list[bytes] = []
-        self.ids: list[int] = []  # the hashes as 64-bit ints, to count shared blocks fast
 
     def _extra(self, index: int) -> tuple[str, ...]:
         start, end = index * self.block_size, (index + 1) * self.block_size
@@ -61,13 +60,9 @@ class BlockHasher:
         hashes = self.hashes
         for i in range(len(hashes), len(token_ids) // b):
             parent = hashes[-1] if hashes else ROOT
-            digest = _digest(parent, token_ids[i * b : (i + 1) * b], self._extra(i))
-            hashes.append(digest)
-            self.ids.append(int.from_bytes(digest[:8], "little", signed=True))
+            hashes.append(_digest(parent, token_ids[i * b : (i + 1) * b], self._extra(i)))
         return hashes
 
     def truncate(self, num_tokens: int) -> None:
         """Forget the blocks beyond `num_tokens` tokens (tokens taken back)."""
-        keep = num_tokens // self.block_size
-        del self.hashes[keep:]
-        del self.ids[keep:]
+        del self.hashes[num_tokens // self.block_size :]

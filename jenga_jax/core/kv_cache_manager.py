@@ -82,7 +82,7 @@ class _Request:
     __slots__ = (
         "rid", "tokens", "images", "encoder_images", "hasher", "offset", "num_computed",
         "num_allocated", "running", "pages", "first", "registered", "owned", "cur",
-        "frozen", "cross_pages", "fresh",
+        "frozen", "cross_pages", "fresh", "released", "last_ts",
     )  # fmt: skip
 
     def __init__(self, rid, tokens, images, encoder_images, hasher, offset, num_kinds):
@@ -106,6 +106,8 @@ class _Request:
         self.frozen = [False] * num_kinds  # cur is a checkpoint: write the next state elsewhere
         self.cross_pages: list[list[int]] = [[] for _ in range(num_kinds)]
         self.fresh: list[tuple[int, int]] = []  # (kind, page) cached by the last allocation
+        self.released: list[tuple[int, int, int]] = []  # (kind, page, prefix) out of window
+        self.last_ts = 0  # clock of the last step (balanced eviction)
 
 
 class KVCacheManager:
@@ -148,6 +150,12 @@ class KVCacheManager:
         self._cross_kinds = [i for i, k in enumerate(kinds) if k.type is CROSS]
         self._has_cross = self.layout.has(CROSS)
         self._balanced = self.plan.balanced_eviction
+        # The planned kind that stores each layer group of the model (for needed_bytes).
+        self._group_kind = [
+            next(i for i, k in enumerate(kinds) if g.layer_indices[0] in k.layer_indices)
+            for g in self.layout.groups
+        ]
+        self.alloc.last_access = lambda req: req.last_ts if req.running else None
         self._clock = 0
         self._requests: dict[str, _Request] = {}
         self._image_hits: dict[int, list] = {}  # scratch of the first allocation in progress
@@ -540,6 +548,9 @@ class KVCacheManager:
                     if page is not None:
                         pages[p] = None
                         alloc.release(k, page, *self._stamp(ts, (p + 1) * tpp))
+                        if self._balanced and alloc.ref[k][page] == 0 and page in alloc.key[k]:
+                            alloc.owner[k][page] = req
+                            req.released.append((k, page, (p + 1) * tpp))
                 req.first[k] = dead
         for k in self._state_kinds:
             written = req.pages[k]
@@ -557,6 +568,7 @@ class KVCacheManager:
             else:
                 req.frozen[k] = False
         req.num_computed = n
+        req.last_ts = ts
 
     def _register_pages(self, req: _Request) -> None:
         """Make the request's newly full pages findable in the prefix cache.
@@ -617,6 +629,11 @@ class KVCacheManager:
             req.fresh = []
         self._clock += 1
         ts = self._clock
+        for k, page, prefix in req.released:  # balanced: they share the request's last access
+            if alloc.owner[k].get(page) is req:
+                del alloc.owner[k][page]
+                alloc.restore_ts(k, page, *self._stamp(ts, prefix))
+        req.released = []
         for k in range(self.num_kinds):
             tpp = self._tpp[k]
             pages = req.pages[k]
@@ -661,27 +678,67 @@ class KVCacheManager:
         """Bytes running requests truly need: the ideal, with no page rounding.
 
         Per layer kind of the model: the K/V of the tokens its queries still read (every
-        token for full attention, the window or the current chunk otherwise), of the
-        encoder tokens of each distinct image, and one state per request. Tokens that
-        several requests share through the prefix cache (same chained block hash) count
-        once.
+        token for full attention, the window or the current chunk otherwise), of each
+        image's encoder tokens, and one state per request. What requests share through
+        the prefix cache (the same physical page) counts once; two copies of the same
+        content that were not shared (a cache miss) are both needed.
         """
         running = [r for r in self._requests.values() if r.running]
-        block = self.plan.block_size
         total = 0
-        for g in self.layout.groups:
+        for g, k in zip(self.layout.groups, self._group_kind):
             t = g.kind.type
             if t is STATE:
                 total += len(running) * g.state_bytes
-            elif t is CROSS:
-                images = {
-                    im.content_hash: im.num_tokens for r in running for im in r.encoder_images
-                }
+            elif t is CROSS and not self.plan.images_inline:
+                images = {}
+                for r in running:
+                    pages = iter(r.cross_pages[k])
+                    for im in r.encoder_images:
+                        first = next(pages)
+                        for _ in range(-(-im.num_tokens // self._tpp[k]) - 1):
+                            next(pages)
+                        images[first] = im.num_tokens
                 total += sum(images.values()) * g.bytes_per_token
             else:
-                total += _live_tokens(running, g.kind, block) * g.bytes_per_token
+                if t is CROSS:  # paged: the encoder tokens lead the token stream
+                    ranges = [(0, r.offset) for r in running]
+                else:
+                    ranges = [
+                        (r.offset + g.kind.first_needed_token(max(0, r.num_computed - r.offset)),
+                         r.num_allocated)
+                        for r in running
+                    ]
+                total += self._live_tokens(running, ranges, k) * g.bytes_per_token
         return total
 
+    def _live_tokens(self, running, ranges, k: int) -> int:
+        """Distinct token slots of kind k's pages in the requests' [lo, end) ranges.
+
+        A slot is (physical page, offset): shared pages count once, and a page counts
+        from the earliest slot any of its holders still reads.
+        """
+        tpp = self._tpp[k]
+        ids: list[int] = []
+        offsets: list[int] = []
+        private = 0
+        for req, (lo, end) in zip(running, ranges):
+            first_page, last_page = lo // tpp, end // tpp
+            private += end - max(lo, last_page * tpp)  # the partial page at the end
+            if last_page > first_page:
+                ids.extend(req.pages[k][first_page:last_page])
+                offsets.append(lo - first_page * tpp)
+                offsets.extend([0] * (last_page - first_page - 1))
+        if not ids:
+            return private
+        ids_arr = np.asarray(ids, dtype=np.int64)
+        off_arr = np.asarray(offsets, dtype=np.int64)
+        order = np.lexsort((off_arr, ids_arr))  # by page, smallest offset first
+        ids_arr, off_arr = ids_arr[order], off_arr[order]
+        first = np.ones(len(ids_arr), dtype=bool)
+        first[1:] = ids_arr[1:] != ids_arr[:-1]
+        return private + int((tpp - off_arr[first]).sum())
+
+    # ------------------------------------------------------------------ stats
     def stats(self) -> CacheStats:
         alloc = self.alloc
         pb = alloc.page_bytes
@@ -702,36 +759,6 @@ class KVCacheManager:
             queried_tokens=self.queried_tokens,
             evicted_pages=alloc.evicted_pages,
         )
-
-
-def _live_tokens(running: Sequence[_Request], kind, block: int) -> int:
-    """Distinct tokens whose K/V running requests still read in layers of `kind`.
-
-    A full block is identified by its chained hash, so blocks shared through the
-    prefix cache count once; of a block, the part from the earliest live token is live.
-    """
-    ids: list[int] = []
-    offsets: list[int] = []
-    private = 0
-    for req in running:
-        n = max(0, req.num_computed - req.offset)
-        lo = req.offset + kind.first_needed_token(n)
-        end = req.num_allocated
-        first_block, last_block = lo // block, end // block
-        private += end - max(lo, last_block * block)  # the partial block at the end
-        if last_block > first_block:
-            ids.extend(req.hasher.ids[first_block:last_block])
-            offsets.append(lo - first_block * block)
-            offsets.extend([0] * (last_block - first_block - 1))
-    if not ids:
-        return private
-    ids_arr = np.asarray(ids, dtype=np.int64)
-    off_arr = np.asarray(offsets, dtype=np.int64)
-    order = np.lexsort((off_arr, ids_arr))  # by block, smallest offset first
-    ids_arr, off_arr = ids_arr[order], off_arr[order]
-    first = np.ones(len(ids_arr), dtype=bool)
-    first[1:] = ids_arr[1:] != ids_arr[:-1]
-    return private + int((block - off_arr[first]).sum())
 
 
 def _cumsum(values: Sequence[int]) -> list[int]:
