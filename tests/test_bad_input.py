@@ -33,7 +33,7 @@ VISION = get_layout("llama-3.2-11b-vision")
 
 
 def _manager(layout=LLAMA, large_pages: int = 10, **kw) -> KVCacheManager:
-    plan = make_plan(layout, kw.pop("allocator", "jenga"))
+    plan = make_plan(layout, kw.pop("allocator", "jenga"), fixed_tokens_per_page=True)
     return KVCacheManager(layout, plan.large_page_bytes * large_pages, plan=plan, **kw)
 
 

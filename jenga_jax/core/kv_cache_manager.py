@@ -704,8 +704,10 @@ class KVCacheManager:
                     ranges = [(0, r.offset) for r in running]
                 else:
                     ranges = [
-                        (r.offset + g.kind.first_needed_token(max(0, r.num_computed - r.offset)),
-                         r.num_allocated)
+                        (
+                            r.offset + g.kind.first_needed_token(max(0, r.num_computed - r.offset)),
+                            r.num_allocated,
+                        )
                         for r in running
                     ]
                 total += self._live_tokens(running, ranges, k) * g.bytes_per_token

@@ -24,6 +24,8 @@ from jenga_jax.core.layout import ModelLayout
 
 ALLOCATORS = ("jenga", "paged", "uniform")
 _MAX_HIT_GRANULARITY = 8  # jenga: lcm of tokens per page at most this many target pages
+_SPLIT_PENALTY = 0.25  # jenga: estimated cost of one more kind, in pages of the plan
+_MAX_KINDS = 8  # jenga: at most this many kinds after splitting layer groups
 _ALIGN = 16  # tokens-per-page alignment the uniform plan keeps (attention kernels' block)
 
 
@@ -115,19 +117,49 @@ def _page(rule: LayerKind, num_layers: int, tpp: int) -> int:
 
 
 def _jenga(layout: ModelLayout, tpp: int, search: bool = True) -> PagePlan:
-    """One page size per kind; tokens per page chosen per kind to keep the LCM small.
+    """One page size per kind, chosen to keep the LCM small.
 
     A large LCM leaves free small pages of one kind inside large pages that another
     kind cannot use (fragmentation); large pages cost rounding in each request's last
-    page. For every choice of tokens per page t_k (token and cross kinds) and of
-    layers per state page (a state then spans several pages, allocated together) we
-    estimate the bytes one request loses to both, and keep the cheapest plan:
-      rounding       t_k / 2 tokens per request (t_k for a sliding window: both ends);
-      fragmentation  (ratio_k - 1) / 2 pages of its own partial large page per kind.
+    page. Two families of plans are searched, and the one losing the fewest bytes per
+    request (estimated) is kept:
+      LCM plans     every kind keeps its layers together; tokens per page t_k per kind
+                    and layers per state page (a state then spans several pages,
+                    allocated together) are chosen;
+      equal pages   a kind's layers may be split into groups (separate kinds with the
+                    same rule) so that every page has one size: no fragmentation at all.
+    Estimated loss per request: rounding t_k / 2 tokens of each kind (t_k for a
+    sliding window: both ends), and (ratio_k - 1) / 2 pages of fragmentation per kind;
+    a split costs a quarter page per extra kind (host bookkeeping grows with kinds).
+    The prefix-hit granularity (lcm of the t_k) stays at most 8 target pages.
     """
     groups = layout.groups
     tokens = [g for g in groups if g.kind.type is not AttentionType.STATE]
     states = [g for g in groups if g.kind.type is AttentionType.STATE]
+    candidates = [_best_lcm_parts(tokens, states, tpp, search)]
+    if search:
+        candidates += list(_equal_page_parts(tokens, states, tpp))
+    parts, _ = min(candidates, key=lambda c: (c[1], len(c[0])))
+    order = {g.kind: i for i, g in enumerate(groups)}
+    kinds = []
+    for kind, layers, t, per_state in sorted(parts, key=lambda p: (order[p[0]], p[1])):
+        if kind.type is AttentionType.STATE:
+            page = kind.state_bytes * len(layers) // per_state
+            kinds.append(PlannedKind(kind, len(layers), 0, page, layers, pages_per_state=per_state))
+        else:
+            kinds.append(
+                PlannedKind(kind, len(layers), t, t * kind.bytes_per_token * len(layers), layers)
+            )
+    return _finish("jenga", layout, tuple(kinds), tpp, images_inline=False, balanced=True)
+
+
+def _rounding(kind: LayerKind, t: int, layers: int) -> float:
+    ends = 2 if kind.type is AttentionType.SLIDING else 1
+    return ends * t / 2 * kind.bytes_per_token * layers
+
+
+def _best_lcm_parts(tokens, states, tpp: int, search: bool):
+    """The cheapest plan keeping each kind's layers together: (parts, estimated loss)."""
     tpp_options = [[tpp] for _ in tokens]
     if search and len(tokens) <= 3:
         tpp_options = [list(range(_smallest_tpp(g.kind, tpp), 8 * tpp + 1)) for g in tokens]
@@ -143,8 +175,7 @@ def _jenga(layout: ModelLayout, tpp: int, search: bool = True) -> PagePlan:
             large = math.lcm(base, *pages)
             cost = 0.0
             for t, g, page in zip(tpps, tokens, pages):
-                ends = 2 if g.kind.type is AttentionType.SLIDING else 1
-                cost += ends * t / 2 * g.bytes_per_token + (large // page - 1) / 2 * page
+                cost += _rounding(g.kind, t, g.num_layers) + (large // page - 1) / 2 * page
             for g, d, page in zip(states, state_layers, state_pages):
                 per_state, ratio = g.num_layers // d, large // page
                 if per_state % ratio:
@@ -153,28 +184,57 @@ def _jenga(layout: ModelLayout, tpp: int, search: bool = True) -> PagePlan:
             if best_cost is None or cost < best_cost:
                 best, best_cost = (tpps, state_layers), cost
     tpps, state_layers = best
-    chosen = dict(zip([g.kind for g in tokens], tpps))
-    per_layer = dict(zip([g.kind for g in states], state_layers))
-    kinds = []
-    for g in groups:
-        if g.kind.type is AttentionType.STATE:
-            d = per_layer[g.kind]
-            kinds.append(
-                PlannedKind(
-                    g.kind,
-                    g.num_layers,
-                    0,
-                    g.kind.state_bytes * d,
-                    g.layer_indices,
-                    pages_per_state=g.num_layers // d,
-                )
-            )
+    parts = [(g.kind, g.layer_indices, t, 1) for g, t in zip(tokens, tpps)]
+    parts += [(g.kind, g.layer_indices, 0, g.num_layers // d) for g, d in zip(states, state_layers)]
+    return parts, best_cost
+
+
+def _equal_page_parts(tokens, states, tpp: int):
+    """Plans whose pages all have one size, splitting kinds into layer groups."""
+    units = {g.num_layers * tpp * g.kind.bytes_per_token for g in tokens}
+    units |= {d * g.kind.state_bytes for g in states for d in _divisors(g.num_layers)}
+    for unit in sorted(units):
+        parts, cost, tpps = [], 0.0, []
+        for g in tokens:
+            bpt, lo = g.kind.bytes_per_token, _smallest_tpp(g.kind, tpp)
+            sizes = [
+                n
+                for n in range(1, g.num_layers + 1)
+                if unit % (n * bpt) == 0 and lo <= unit // (n * bpt) <= 8 * tpp
+            ]
+            split = _fewest_parts(g.num_layers, sizes)
+            if split is None:
+                break
+            start = 0
+            for n in split:
+                t = unit // (n * bpt)
+                parts.append((g.kind, g.layer_indices[start : start + n], t, 1))
+                cost += _rounding(g.kind, t, n) + abs(math.log2(t / tpp)) * 1e-3
+                tpps.append(t)
+                start += n
         else:
-            t = chosen[g.kind]
-            kinds.append(
-                PlannedKind(g.kind, g.num_layers, t, t * g.bytes_per_token, g.layer_indices)
-            )
-    return _finish("jenga", layout, tuple(kinds), tpp, images_inline=False, balanced=True)
+            for g in states:
+                d, rem = divmod(unit, g.kind.state_bytes)
+                if rem or g.num_layers % d:
+                    break
+                parts.append((g.kind, g.layer_indices, 0, g.num_layers // d))
+            else:
+                if len(parts) <= _MAX_KINDS and (
+                    not tpps or math.lcm(*tpps) <= _MAX_HIT_GRANULARITY * tpp
+                ):
+                    extra = len(parts) - len(tokens) - len(states)  # bookkeeping per step
+                    yield parts, cost + extra * _SPLIT_PENALTY * unit
+
+
+def _fewest_parts(total: int, sizes: list[int]) -> list[int] | None:
+    """Fewest numbers from `sizes` (with repetition) summing to `total`, largest first."""
+    best: list[list[int] | None] = [[]] + [None] * total
+    for n in range(1, total + 1):
+        for size in sizes:
+            prev = best[n - size] if size <= n else None
+            if prev is not None and (best[n] is None or len(prev) + 1 < len(best[n])):
+                best[n] = prev + [size]
+    return sorted(best[total], reverse=True) if best[total] is not None else None
 
 
 def _smallest_tpp(kind: LayerKind, tpp: int) -> int:
