@@ -33,6 +33,8 @@ def measure(model: str, allocator: str, running: int, steps: int, seed: int) -> 
         rid = manager.add_request(req.request_id, req.prompt_token_ids)
         hit = manager.lookup(rid)
         assert manager.allocate(rid, manager.num_tokens(rid) - hit)
+        # The first decode step commits the prefill (caches, releases out-of-window pages).
+        assert manager.allocate(rid, 1, [rng.randrange(32000)])
     admit_us = (time.perf_counter() - t0) / len(trace) * 1e6
     ids = [req.request_id for req in trace]
     tokens = [[rng.randrange(32000)] for _ in range(steps * len(ids))]

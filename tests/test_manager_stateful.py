@@ -168,6 +168,20 @@ class ManagerMachine(RuleBasedStateMachine):
         if hasattr(self, "m"):
             check_manager(self.m)
 
+    @invariant()
+    def dead_pages_released(self):
+        """No running request holds a page its window or chunk will never read again."""
+        if not hasattr(self, "m"):
+            return
+        m = self.m
+        for req in m._requests.values():
+            if not req.running:
+                continue
+            for k in m._windowed_kinds:
+                dead = m._first_needed(k, req.num_computed) // m._tpp[k]
+                held = [p for p in req.pages[k][:dead] if p is not None]
+                assert not held, f"kind {k}: pages before index {dead} still held: {held}"
+
     def teardown(self):
         if not hasattr(self, "m"):
             return

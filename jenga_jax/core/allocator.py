@@ -118,7 +118,11 @@ class TwoLevelAllocator:
         `demand` the pages still to take per kind in this allocation, this one
         included; it is decremented. The caller checked `feasible(demand)` first.
         """
-        restricted = self._spare_large(demand) == 0 and self._stuck_need(k, demand) == 0
+        restricted = (
+            len(self.empty) < sum(demand)  # else every remaining page could take a large one
+            and self._spare_large(demand) == 0
+            and self._stuck_need(k, demand) == 0
+        )
         demand[k] -= 1
         # 1. a free slot in a large page this owner split
         while owned:

@@ -82,7 +82,8 @@ class _Request:
     __slots__ = (
         "rid", "tokens", "images", "encoder_images", "hasher", "offset", "num_computed",
         "num_allocated", "running", "pages", "first", "registered", "owned", "cur",
-        "frozen", "cross_pages", "fresh", "released", "last_ts",
+        "frozen", "cross_pages", "fresh", "released", "last_ts", "covered", "state_due",
+        "next_dead", "next_full",
     )  # fmt: skip
 
     def __init__(self, rid, tokens, images, encoder_images, hasher, offset, num_kinds):
@@ -108,6 +109,11 @@ class _Request:
         self.fresh: list[tuple[int, int]] = []  # (kind, page) cached by the last allocation
         self.released: list[tuple[int, int, int]] = []  # (kind, page, prefix) out of window
         self.last_ts = 0  # clock of the last step (balanced eviction)
+        # Watermarks that let a decode step skip the per-kind loops when nothing is due:
+        self.covered = 0  # tokens every token kind's pages cover
+        self.state_due = True  # some state kind needs new pages for its next write
+        self.next_dead = 0  # tokens computed at which some kind's oldest page dies
+        self.next_full = 0  # tokens allocated at which some kind's next page is full
 
 
 class KVCacheManager:
@@ -478,6 +484,8 @@ class KVCacheManager:
 
     def _demand(self, req: _Request, end: int) -> list[int] | None:
         """New pages per kind to cover tokens up to `end`; None when none are needed."""
+        if end <= req.covered and not req.state_due:
+            return None
         demand = None
         tpps, pages = self._tpp, req.pages
         for k in self._token_kinds:
@@ -502,6 +510,9 @@ class KVCacheManager:
         for k in self._state_kinds:
             for _ in range(demand[k]):  # the pages the next step writes the state into
                 req.pages[k].append(alloc.take(k, req, req.owned[k], demand))
+        req.covered = min(
+            (len(req.pages[k]) * self._tpp[k] for k in self._token_kinds), default=1 << 62
+        )
 
     def _take_cross(self, req: _Request, demand) -> None:
         """Cross pages per image: the cached ones found by `_find_images`, or new ones."""
@@ -539,19 +550,8 @@ class KVCacheManager:
         caching = self.enable_prefix_caching
         self._clock += 1
         ts = self._clock
-        for k in self._windowed_kinds:
-            tpp, pages = self._tpp[k], req.pages[k]
-            dead = self._first_needed(k, n) // tpp
-            if dead > req.first[k]:
-                for p in range(req.first[k], dead):
-                    page = pages[p]
-                    if page is not None:
-                        pages[p] = None
-                        alloc.release(k, page, *self._stamp(ts, (p + 1) * tpp))
-                        if self._balanced and alloc.ref[k][page] == 0 and page in alloc.key[k]:
-                            alloc.owner[k][page] = req
-                            req.released.append((k, page, (p + 1) * tpp))
-                req.first[k] = dead
+        if n >= req.next_dead:
+            self._release_dead(req, n, ts)
         for k in self._state_kinds:
             written = req.pages[k]
             if written:  # the step wrote the state into new pages
@@ -567,8 +567,39 @@ class KVCacheManager:
                 req.frozen[k] = True
             else:
                 req.frozen[k] = False
+        req.state_due = any(req.frozen[k] for k in self._state_kinds)
         req.num_computed = n
         req.last_ts = ts
+
+    def _release_dead(self, req: _Request, n: int, ts: int) -> None:
+        """Release the pages sliding windows and chunks will never read again."""
+        alloc = self.alloc
+        for k in self._windowed_kinds:
+            tpp, pages = self._tpp[k], req.pages[k]
+            dead = self._first_needed(k, n) // tpp
+            if dead > req.first[k]:
+                for p in range(req.first[k], dead):
+                    page = pages[p]
+                    if page is not None:
+                        pages[p] = None
+                        alloc.release(k, page, *self._stamp(ts, (p + 1) * tpp))
+                        if self._balanced and alloc.ref[k][page] == 0 and page in alloc.key[k]:
+                            alloc.owner[k][page] = req
+                            req.released.append((k, page, (p + 1) * tpp))
+                req.first[k] = dead
+        req.next_dead = self._next_dead(req)
+
+    def _next_dead(self, req: _Request) -> int:
+        """Tokens computed at which the oldest held page of some windowed kind dies."""
+        soonest = 1 << 62
+        for k in self._windowed_kinds:
+            end = (req.first[k] + 1) * self._tpp[k]  # the oldest page's end
+            if self._type[k] is SLIDING:
+                at = end + self._window[k] - 1
+            else:
+                at = -(-end // self._chunk[k]) * self._chunk[k]
+            soonest = min(soonest, at)
+        return soonest
 
     def _register_pages(self, req: _Request) -> None:
         """Make the request's newly full pages findable in the prefix cache.
@@ -577,7 +608,7 @@ class KVCacheManager:
         share them, because a step writes every new K/V into the pool before any
         attention reads it. (States are cached only once computed, in `_commit`.)
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or req.num_allocated < req.next_full:
             return
         hashes, registered, end = req.hasher.hashes, req.registered, req.num_allocated
         for k in self._token_kinds:
@@ -591,6 +622,9 @@ class KVCacheManager:
                     ):
                         req.fresh.append((k, page))
                 registered[k] = full
+        req.next_full = min(
+            ((registered[k] + 1) * self._tpp[k] for k in self._token_kinds), default=1 << 62
+        )
 
     def _stamp(self, ts: int, prefix_len: int) -> tuple[float, int]:
         """Eviction key of a page released now: (access time, tie-break)."""
