@@ -162,7 +162,8 @@ def _best_lcm_parts(tokens, states, tpp: int, search: bool):
     """The cheapest plan keeping each kind's layers together: (parts, estimated loss)."""
     tpp_options = [[tpp] for _ in tokens]
     if search and len(tokens) <= 3:
-        tpp_options = [list(range(_smallest_tpp(g.kind, tpp), 8 * tpp + 1)) for g in tokens]
+        lo = _smallest_tpp(tokens, tpp)
+        tpp_options = [list(range(lo, 8 * tpp + 1)) for _ in tokens]
     state_options = [_divisors(g.num_layers) if search else [g.num_layers] for g in states]
     best, best_cost = None, None
     for state_layers in itertools.product(*state_options):
@@ -196,7 +197,7 @@ def _equal_page_parts(tokens, states, tpp: int):
     for unit in sorted(units):
         parts, cost, tpps = [], 0.0, []
         for g in tokens:
-            bpt, lo = g.kind.bytes_per_token, _smallest_tpp(g.kind, tpp)
+            bpt, lo = g.kind.bytes_per_token, _smallest_tpp(tokens, tpp)
             sizes = [
                 n
                 for n in range(1, g.num_layers + 1)
@@ -237,11 +238,14 @@ def _fewest_parts(total: int, sizes: list[int]) -> list[int] | None:
     return sorted(best[total], reverse=True) if best[total] is not None else None
 
 
-def _smallest_tpp(kind: LayerKind, tpp: int) -> int:
-    """Pages are at least the target size, but a window of at most 16 pages may use halves."""
-    if kind.type is AttentionType.SLIDING and kind.window <= 16 * tpp:
-        return max(1, tpp // 2)
-    return tpp
+def _smallest_tpp(groups, tpp: int) -> int:
+    """Pages are at least the target size; half pages where a window spans <= 16 pages.
+
+    Small windows lose much to rounding at both ends; the other kinds of such a model
+    may use half pages too, so that all pages can keep one size.
+    """
+    small = any(g.kind.type is AttentionType.SLIDING and g.kind.window <= 16 * tpp for g in groups)
+    return max(1, tpp // 2) if small else tpp
 
 
 def _divisors(n: int) -> list[int]:
