@@ -168,3 +168,22 @@ def test_needed_bytes_count_shared_pages_once_and_only_live_tokens():
     # a: full [0, 11), sliding [5, 11); b: full [8, 11) own, sliding [3, 11) with [3, 8) shared
     # sliding distinct: pages [0,4) -> from 3 (b) = 1; [4,8) = 4; a's [8, 11) = 3; b's [8, 11) = 3
     assert m.needed_bytes() == ((11 + 3) + (1 + 4 + 3 + 3)) * 16
+
+
+def test_extra_keys_salt_adapter_and_inline_images_separate_caches():
+    m = manager(lk.full(1, 4))
+    m.add_request("a", A[:12], salt="tenant-1", adapter="lora-x")
+    assert m.allocate("a", 12)
+    m.add_request("same", A[:12] + [1], salt="tenant-1", adapter="lora-x")
+    assert m.lookup("same") == 12
+    m.add_request("other-tenant", A[:12] + [1], salt="tenant-2", adapter="lora-x")
+    assert m.lookup("other-tenant") == 0
+    m.add_request("other-adapter", A[:12] + [1], salt="tenant-1", adapter="lora-y")
+    assert m.lookup("other-adapter") == 0
+    # In-sequence images: equal placeholder ids, different content -> different pages.
+    m.add_request("cat", A[:12], images=[ImageInput("cat", 4, 4)])
+    assert m.allocate("cat", 12)
+    m.add_request("cat-again", A[:12] + [1], images=[ImageInput("cat", 4, 4)])
+    assert m.lookup("cat-again") == 12
+    m.add_request("dog", A[:12] + [1], images=[ImageInput("dog", 4, 4)])
+    assert m.lookup("dog") == 4  # the page before the image is shared, the rest is not

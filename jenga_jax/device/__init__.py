@@ -1,0 +1,1 @@
+"""Device side: what runs under JAX (KV pool views, reference attention, later kernels)."""
