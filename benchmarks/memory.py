@@ -7,6 +7,12 @@ the held memory was waste at the steps where memory was the limit.
 
     python benchmarks/memory.py                      # every registry model, 3 workloads
     python benchmarks/memory.py --models llama-3.2-11b-vision --workloads mmmu --json out.jsonl
+    python benchmarks/memory.py --models gemma-3-27b --trace my_trace.jsonl
+
+Trace files are JSON lines, one request each (see jenga_jax/core/workloads.py:
+request_id, prompt_token_ids or prompt_len, output_len, images, arrival, salt, adapter).
+Every request arrives at step 0; "mean_run" is over the steps where some request still
+waits (saturated), "all_run" over every step including the final drain.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 
 from jenga_jax.core import ALLOCATORS, AttentionType, get_layout, model_names
 from jenga_jax.core.memory_sim import simulate
-from jenga_jax.core.workloads import make_workload
+from jenga_jax.core.workloads import load_trace, make_workload
 
 DEFAULT_REQUESTS = {"mmmu": 600, "arxiv-qa": 300, "sharegpt": 1000}
 BIND_FACTOR = 4  # the trace holds ~4x the requests that fit at once (ideal packing)
@@ -44,6 +50,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(model_names()))
     p.add_argument("--workloads", nargs="+", default=list(DEFAULT_REQUESTS))
+    p.add_argument(
+        "--trace", metavar="JSONL", help="replay this trace file instead of the synthetic workloads"
+    )
     p.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=ALLOCATORS)
     p.add_argument("--kv-budget-gib", type=float, default=40.0)
     p.add_argument("--tokens-per-page", type=int, default=16)
@@ -69,14 +78,17 @@ def main(argv=None) -> int:
     for model in args.models:
         layout = get_layout(model, state_checkpoint_interval=args.state_checkpoint_interval)
         inline = not layout.has(AttentionType.CROSS)
-        for workload in args.workloads:
-            kwargs = {"inline_images": inline} if workload == "mmmu" else {}
-            n = args.num_requests or DEFAULT_REQUESTS.get(workload, 500)
-            if not args.num_requests:  # enough requests that the budget binds for a while
-                sample = make_workload(workload, 200, seed=args.seed, **kwargs)
-                fit = budget / max(1, mean_ideal_bytes(layout, sample))
-                n = int(min(max(n, BIND_FACTOR * fit), MAX_REQUESTS))
-            trace = make_workload(workload, n, seed=args.seed, **kwargs)
+        for workload in [args.trace] if args.trace else args.workloads:
+            if args.trace:
+                trace = load_trace(args.trace)
+            else:
+                kwargs = {"inline_images": inline} if workload == "mmmu" else {}
+                n = args.num_requests or DEFAULT_REQUESTS.get(workload, 500)
+                if not args.num_requests:  # enough requests that the budget binds a while
+                    sample = make_workload(workload, 200, seed=args.seed, **kwargs)
+                    fit = budget / max(1, mean_ideal_bytes(layout, sample))
+                    n = int(min(max(n, BIND_FACTOR * fit), MAX_REQUESTS))
+                trace = make_workload(workload, n, seed=args.seed, **kwargs)
             for allocator in args.allocators:
                 t0 = time.perf_counter()
                 res = simulate(

@@ -187,3 +187,18 @@ def test_extra_keys_salt_adapter_and_inline_images_separate_caches():
     assert m.lookup("cat-again") == 12
     m.add_request("dog", A[:12] + [1], images=[ImageInput("dog", 4, 4)])
     assert m.lookup("dog") == 4  # the page before the image is shared, the rest is not
+
+
+def test_never_fits_check_accounts_for_the_prefill_chunk():
+    import pytest
+
+    from jenga_jax.core.errors import RequestTooLargeError
+
+    m = manager(lk.sliding(8, 1, 4), num_large=8)  # a window needs 3-4 pages of 4 tokens
+    with pytest.raises(RequestTooLargeError, match="never fit"):
+        m.add_request("whole", list(range(40)))  # one 40-token step writes 10 pages
+    m.add_request("chunked", list(range(40)), prefill_chunk=8, max_new_tokens=100)
+    for _ in range(5):
+        assert m.allocate("chunked", 8)
+    for t in range(100):
+        assert m.allocate("chunked", 1, [t])

@@ -179,8 +179,13 @@ class KVCacheManager:
         salt: str | None = None,
         adapter: str | None = None,
         max_new_tokens: int = 0,
+        prefill_chunk: int | None = None,
     ) -> str:
-        """Register a waiting request. Raises if it is malformed or could never fit."""
+        """Register a waiting request. Raises if it is malformed or could never fit.
+
+        `prefill_chunk` is the most prompt tokens the scheduler computes in one step
+        (None: the whole prompt at once); it decides what "fits" means for windows.
+        """
         if request_id is None:
             request_id = f"req-{self._auto_id}"
             self._auto_id += 1
@@ -220,30 +225,43 @@ class KVCacheManager:
                     )
         hasher = BlockHasher(self.plan.block_size, inline, adapter, salt)
         req = _Request(request_id, tokens, images, encoder, hasher, offset, self.num_kinds)
-        self._check_fits(req, len(tokens) + max_new_tokens)
+        if prefill_chunk is not None and prefill_chunk <= 0:
+            raise RequestError(f"request {request_id!r}: prefill_chunk must be positive")
+        self._check_fits(req, len(tokens) + max_new_tokens, prefill_chunk)
         hasher.update(tokens)
         self._requests[request_id] = req
         return request_id
 
-    def _check_fits(self, req: _Request, total: int) -> None:
-        demand = self._pages_for_whole(req, total)
-        large = sum(-(-d // r) for d, r in zip(demand, self.alloc.ratio))
+    def _check_fits(self, req: _Request, total: int, chunk: int | None) -> None:
+        """Raise unless the request fits an empty pool at its largest moment.
+
+        Two moments: the prefill step (chunks of at most `chunk` prompt tokens, all
+        written in one step, so a window holds the chunk as well) and the last decode
+        step (`total` tokens).
+        """
+        prompt = len(req.tokens)
+        chunk = prompt if chunk is None else min(chunk, prompt)
+        large = 0
+        for moment, span_extra in ((prompt, chunk), (total, 1)):
+            demand = self._pages_at(req, moment, span_extra)
+            large = max(large, sum(-(-d // r) for d, r in zip(demand, self.alloc.ratio)))
         if large > self.alloc.num_large:
             raise RequestTooLargeError(
-                f"request {req.rid!r} needs {large} large pages for {total} tokens but the "
-                f"pool has {self.alloc.num_large}: it can never fit"
+                f"request {req.rid!r} needs {large} large pages ({total - req.offset} tokens, "
+                f"prefill chunks of {chunk - req.offset if chunk > req.offset else chunk}) "
+                f"but the pool has {self.alloc.num_large}: it can never fit"
             )
 
-    def _pages_for_whole(self, req: _Request, total: int) -> list[int]:
-        """Pages each kind needs at the request's largest moment (for the never-fits check)."""
+    def _pages_at(self, req: _Request, tokens: int, step: int) -> list[int]:
+        """Pages each kind holds when a step writes `step` tokens ending at `tokens`."""
         demand = [0] * self.num_kinds
         for k in range(self.num_kinds):
             t, tpp = self._type[k], self._tpp[k]
             if t is FULL:
-                demand[k] = -(-total // tpp)
+                demand[k] = -(-tokens // tpp)
             elif t is SLIDING or t is CHUNKED:
                 span = self._window[k] if t is SLIDING else self._chunk[k]
-                demand[k] = min(-(-total // tpp), -(-span // tpp) + 1)
+                demand[k] = min(-(-tokens // tpp), -(-(span + step) // tpp) + 1)
             elif t is CROSS:
                 demand[k] = sum(-(-im.num_tokens // tpp) for im in req.encoder_images)
             else:

@@ -120,6 +120,8 @@ def simulate(
             todo = manager.num_tokens(rid) - hit
             result = manager.allocate(rid, todo)
             if not result:
+                if not running:  # add_request vouched that it fits an empty pool
+                    raise RuntimeError(f"{rid} cannot be admitted into an idle pool: {result}")
                 bound = True
                 break
             waiting.popleft()
