@@ -136,9 +136,10 @@ def _jenga(layout: ModelLayout, tpp: int, search: bool = True) -> PagePlan:
     groups = layout.groups
     tokens = [g for g in groups if g.kind.type is not AttentionType.STATE]
     states = [g for g in groups if g.kind.type is AttentionType.STATE]
-    candidates = [_best_lcm_parts(tokens, states, tpp, search)]
+    most = _largest_page_tokens(states, tpp)
+    candidates = [_best_lcm_parts(tokens, states, tpp, search, most)]
     if search:
-        candidates += list(_equal_page_parts(tokens, states, tpp))
+        candidates += list(_equal_page_parts(tokens, states, tpp, most))
     parts, _ = min(candidates, key=lambda c: (c[1], len(c[0])))
     order = {g.kind: i for i, g in enumerate(groups)}
     kinds = []
@@ -158,19 +159,32 @@ def _rounding(kind: LayerKind, t: int, layers: int) -> float:
     return ends * t / 2 * kind.bytes_per_token * layers
 
 
-def _best_lcm_parts(tokens, states, tpp: int, search: bool):
+def _largest_page_tokens(states, tpp: int) -> int:
+    """Bound on tokens per page and on their lcm (the granularity of prefix hits).
+
+    8 target pages; with a state kind, hits already come only at its checkpoints, so
+    pages up to the checkpoint interval cost no hits (and any size if it has none).
+    """
+    most = _MAX_HIT_GRANULARITY * tpp
+    for g in states:
+        interval = g.kind.checkpoint_interval
+        most = max(most, interval) if interval else 1 << 30
+    return most
+
+
+def _best_lcm_parts(tokens, states, tpp: int, search: bool, most: int):
     """The cheapest plan keeping each kind's layers together: (parts, estimated loss)."""
     tpp_options = [[tpp] for _ in tokens]
     if search and len(tokens) <= 3:
         lo = _smallest_tpp(tokens, tpp)
-        tpp_options = [list(range(lo, 8 * tpp + 1)) for _ in tokens]
+        tpp_options = [list(range(lo, min(most, 8 * tpp) + 1)) for _ in tokens]
     state_options = [_divisors(g.num_layers) if search else [g.num_layers] for g in states]
     best, best_cost = None, None
     for state_layers in itertools.product(*state_options):
         state_pages = [g.kind.state_bytes * d for g, d in zip(states, state_layers)]
         base = math.lcm(*state_pages) if state_pages else 1
         for tpps in itertools.product(*tpp_options):
-            if math.lcm(*tpps) > _MAX_HIT_GRANULARITY * tpp:
+            if math.lcm(*tpps) > most:
                 continue  # prefix hits would come only every lcm(tokens per page) tokens
             pages = [t * g.bytes_per_token for t, g in zip(tpps, tokens)]
             large = math.lcm(base, *pages)
@@ -190,7 +204,7 @@ def _best_lcm_parts(tokens, states, tpp: int, search: bool):
     return parts, best_cost
 
 
-def _equal_page_parts(tokens, states, tpp: int):
+def _equal_page_parts(tokens, states, tpp: int, most: int):
     """Plans whose pages all have one size, splitting kinds into layer groups."""
     units = {g.num_layers * tpp * g.kind.bytes_per_token for g in tokens}
     units |= {d * g.kind.state_bytes for g in states for d in _divisors(g.num_layers)}
@@ -201,7 +215,7 @@ def _equal_page_parts(tokens, states, tpp: int):
             sizes = [
                 n
                 for n in range(1, g.num_layers + 1)
-                if unit % (n * bpt) == 0 and lo <= unit // (n * bpt) <= 8 * tpp
+                if unit % (n * bpt) == 0 and lo <= unit // (n * bpt) <= min(most, 32 * tpp)
             ]
             split = _fewest_parts(g.num_layers, sizes)
             if split is None:
@@ -220,9 +234,7 @@ def _equal_page_parts(tokens, states, tpp: int):
                     break
                 parts.append((g.kind, g.layer_indices, 0, g.num_layers // d))
             else:
-                if len(parts) <= _MAX_KINDS and (
-                    not tpps or math.lcm(*tpps) <= _MAX_HIT_GRANULARITY * tpp
-                ):
+                if len(parts) <= _MAX_KINDS and (not tpps or math.lcm(*tpps) <= most):
                     extra = len(parts) - len(tokens) - len(states)  # bookkeeping per step
                     yield parts, cost + extra * _SPLIT_PENALTY * unit
 
