@@ -3,6 +3,7 @@
 Plain Python and numpy; nothing here imports JAX.
 """
 
+from jenga_jax.core.cache_stats import CacheStats
 from jenga_jax.core.errors import (
     JengaError,
     LayoutError,
@@ -10,7 +11,7 @@ from jenga_jax.core.errors import (
     RequestTooLargeError,
     UnknownModelError,
 )
-from jenga_jax.core.kv_cache_manager import AllocationResult, CacheStats, KVCacheManager
+from jenga_jax.core.kv_cache_manager import AllocationResult, KVCacheManager
 from jenga_jax.core.layer_kinds import AttentionType, LayerKind
 from jenga_jax.core.layout import KindGroup, ModelLayout
 from jenga_jax.core.page_plan import ALLOCATORS, PagePlan, make_plan

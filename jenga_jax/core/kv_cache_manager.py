@@ -20,15 +20,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import numpy as np
-
+from jenga_jax.core import cache_stats
 from jenga_jax.core.allocator import TwoLevelAllocator
 from jenga_jax.core.block_hash import BlockHasher
+from jenga_jax.core.cache_stats import CacheStats
 from jenga_jax.core.errors import RequestError, RequestTooLargeError
 from jenga_jax.core.layer_kinds import AttentionType
 from jenga_jax.core.layout import ModelLayout
 from jenga_jax.core.page_plan import PagePlan, make_plan
 from jenga_jax.core.request import ImageInput
+from jenga_jax.core.request_state import RequestState
 
 FULL, SLIDING, CHUNKED, CROSS, STATE = (
     AttentionType.FULL,
@@ -51,69 +52,6 @@ class AllocationResult:
 
 
 _OK = AllocationResult(True)
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheStats:
-    pool_bytes: int
-    held_bytes: int  # pool - empty large pages - evictable cached pages
-    running_bytes: int  # pages held by running requests
-    needed_bytes: int  # what running requests truly need (no page rounding)
-    cached_only_bytes: int  # evictable cached pages
-    empty_bytes: int
-    pages_per_kind: tuple[int, ...]  # held pages
-    cached_pages_per_kind: tuple[int, ...]
-    num_running: int
-    hit_tokens: int  # cache-hit tokens of all allocations so far
-    queried_tokens: int  # prompt tokens of all first allocations so far
-    evicted_pages: int
-
-    @property
-    def waste(self) -> float:
-        """1 - needed / held."""
-        return 1.0 - self.needed_bytes / self.held_bytes if self.held_bytes else 0.0
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
-
-
-class _Request:
-    __slots__ = (
-        "rid", "tokens", "images", "encoder_images", "hasher", "offset", "num_computed",
-        "num_allocated", "running", "pages", "first", "registered", "owned", "cur",
-        "frozen", "cross_pages", "fresh", "released", "last_ts", "covered", "state_due",
-        "next_dead", "next_full",
-    )  # fmt: skip
-
-    def __init__(self, rid, tokens, images, encoder_images, hasher, offset, num_kinds):
-        self.rid = rid
-        self.tokens: list[int] = tokens  # the token stream (prompt, generated tokens)
-        self.images: tuple[ImageInput, ...] = images
-        self.encoder_images: tuple[ImageInput, ...] = encoder_images  # in cross pages
-        self.hasher: BlockHasher = hasher
-        self.offset = offset  # encoder tokens stored ahead of the prompt (paged baseline)
-        self.num_computed = 0  # stream positions whose K/V exists
-        self.num_allocated = 0  # end of the last allocation
-        self.running = False
-        self._reset(num_kinds)
-
-    def _reset(self, num_kinds):
-        self.pages: list[list] = [[] for _ in range(num_kinds)]  # per kind, page index -> id
-        self.first = [0] * num_kinds  # first page index still held
-        self.registered = [0] * num_kinds  # pages below this index went through the cache
-        self.owned: list[list[int]] = [[] for _ in range(num_kinds)]
-        self.cur: list = [None] * num_kinds  # state kinds: page with the latest state
-        self.frozen = [False] * num_kinds  # cur is a checkpoint: write the next state elsewhere
-        self.cross_pages: list[list[int]] = [[] for _ in range(num_kinds)]
-        self.fresh: list[tuple[int, int]] = []  # (kind, page) cached by the last allocation
-        self.released: list[tuple[int, int, int]] = []  # (kind, page, prefix) out of window
-        self.last_ts = 0  # clock of the last step (balanced eviction)
-        # Watermarks that let a decode step skip the per-kind loops when nothing is due:
-        self.covered = 0  # tokens every token kind's pages cover
-        self.state_due = True  # some state kind needs new pages for its next write
-        self.next_dead = 0  # tokens computed at which some kind's oldest page dies
-        self.next_full = 0  # tokens allocated at which some kind's next page is full
 
 
 class KVCacheManager:
@@ -163,7 +101,7 @@ class KVCacheManager:
         ]
         self.alloc.last_access = lambda req: req.last_ts if req.running else None
         self._clock = 0
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, RequestState] = {}
         self._image_hits: dict[int, list] = {}  # scratch of the first allocation in progress
         self._auto_id = 0
         self.hit_tokens = 0
@@ -224,7 +162,7 @@ class KVCacheManager:
                         f"{len(tokens)}-token prompt"
                     )
         hasher = BlockHasher(self.plan.block_size, inline, adapter, salt)
-        req = _Request(request_id, tokens, images, encoder, hasher, offset, self.num_kinds)
+        req = RequestState(request_id, tokens, images, encoder, hasher, offset, self.num_kinds)
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise RequestError(f"request {request_id!r}: prefill_chunk must be positive")
         self._check_fits(req, len(tokens) + max_new_tokens, prefill_chunk)
@@ -232,7 +170,7 @@ class KVCacheManager:
         self._requests[request_id] = req
         return request_id
 
-    def _check_fits(self, req: _Request, total: int, chunk: int | None) -> None:
+    def _check_fits(self, req: RequestState, total: int, chunk: int | None) -> None:
         """Raise unless the request fits an empty pool at its largest moment.
 
         Two moments: the prefill step (chunks of at most `chunk` prompt tokens, all
@@ -252,7 +190,7 @@ class KVCacheManager:
                 f"but the pool has {self.alloc.num_large}: it can never fit"
             )
 
-    def _pages_at(self, req: _Request, tokens: int, step: int) -> list[int]:
+    def _pages_at(self, req: RequestState, tokens: int, step: int) -> list[int]:
         """Pages each kind holds when a step writes `step` tokens ending at `tokens`."""
         demand = [0] * self.num_kinds
         for k in range(self.num_kinds):
@@ -268,7 +206,7 @@ class KVCacheManager:
                 demand[k] = 2 * self._per_state[k]
         return demand
 
-    def _get(self, request_id: str) -> _Request:
+    def _get(self, request_id: str) -> RequestState:
         req = self._requests.get(request_id)
         if req is None:
             raise RequestError(f"unknown request {request_id!r} (never added, or already freed)")
@@ -297,7 +235,7 @@ class KVCacheManager:
             raise RequestError(f"request {request_id!r} is running; lookup is for waiting ones")
         return max(0, self._find_hit(req)[0] - req.offset)
 
-    def _find_hit(self, req: _Request):
+    def _find_hit(self, req: RequestState):
         """(stream length L, {kind: pages to share}) of the longest hit valid for every kind."""
         if not self.enable_prefix_caching:
             return 0, {}
@@ -421,7 +359,7 @@ class KVCacheManager:
             req.hasher.truncate(len(req.tokens))
         return result
 
-    def _allocate_first(self, req: _Request, num_new_tokens: int) -> AllocationResult:
+    def _allocate_first(self, req: RequestState, num_new_tokens: int) -> AllocationResult:
         length, share = self._find_hit(req)
         if length < req.offset:  # a hit inside the encoder tokens only: recompute them
             length, share = 0, {}
@@ -470,7 +408,7 @@ class KVCacheManager:
         self.queried_tokens += len(req.tokens) - req.offset
         return AllocationResult(True, num_cached_tokens=hit)
 
-    def _find_images(self, req: _Request) -> dict[int, list[int]]:
+    def _find_images(self, req: RequestState) -> dict[int, list[int]]:
         """Per cross kind: the cached pages of the request's images found whole."""
         hits: dict[int, list[int]] = {}
         self._image_hits = {}
@@ -500,7 +438,7 @@ class KVCacheManager:
             demand[k] = total - len(cross_hits.get(k, ()))
         return demand
 
-    def _demand(self, req: _Request, end: int) -> list[int] | None:
+    def _demand(self, req: RequestState, end: int) -> list[int] | None:
         """New pages per kind to cover tokens up to `end`; None when none are needed."""
         if end <= req.covered and not req.state_due:
             return None
@@ -519,7 +457,7 @@ class KVCacheManager:
                 demand[k] = self._per_state[k]
         return demand
 
-    def _take(self, req: _Request, demand: list[int]) -> None:
+    def _take(self, req: RequestState, demand: list[int]) -> None:
         alloc = self.alloc
         for k in self._token_kinds:
             pages, owned = req.pages[k], req.owned[k]
@@ -532,7 +470,7 @@ class KVCacheManager:
             (len(req.pages[k]) * self._tpp[k] for k in self._token_kinds), default=1 << 62
         )
 
-    def _take_cross(self, req: _Request, demand) -> None:
+    def _take_cross(self, req: RequestState, demand) -> None:
         """Cross pages per image: the cached ones found by `_find_images`, or new ones."""
         alloc = self.alloc
         for k in self._cross_kinds:
@@ -556,7 +494,7 @@ class KVCacheManager:
         )
 
     # ------------------------------------------------------------------ commit
-    def _commit(self, req: _Request) -> None:
+    def _commit(self, req: RequestState) -> None:
         """The last allocation's tokens are computed: cache full pages, release dead ones."""
         n = req.num_allocated
         old = req.num_computed
@@ -589,7 +527,7 @@ class KVCacheManager:
         req.num_computed = n
         req.last_ts = ts
 
-    def _release_dead(self, req: _Request, n: int, ts: int) -> None:
+    def _release_dead(self, req: RequestState, n: int, ts: int) -> None:
         """Release the pages sliding windows and chunks will never read again."""
         alloc = self.alloc
         for k in self._windowed_kinds:
@@ -607,7 +545,7 @@ class KVCacheManager:
                 req.first[k] = dead
         req.next_dead = self._next_dead(req)
 
-    def _next_dead(self, req: _Request) -> int:
+    def _next_dead(self, req: RequestState) -> int:
         """Tokens computed at which the oldest held page of some windowed kind dies."""
         soonest = 1 << 62
         for k in self._windowed_kinds:
@@ -619,7 +557,7 @@ class KVCacheManager:
             soonest = min(soonest, at)
         return soonest
 
-    def _register_pages(self, req: _Request) -> None:
+    def _register_pages(self, req: RequestState) -> None:
         """Make the request's newly full pages findable in the prefix cache.
 
         Done at allocation, as vLLM does: a request admitted in the same step may
@@ -664,11 +602,11 @@ class KVCacheManager:
         if not req.running:
             raise RequestError(f"request {request_id!r} is not running")
         self._release_all(req, True)
-        req._reset(self.num_kinds)
+        req.reset(self.num_kinds)
         req.running = False
         req.num_computed = req.num_allocated = 0
 
-    def _release_all(self, req: _Request, computed: bool) -> None:
+    def _release_all(self, req: RequestState, computed: bool) -> None:
         if not req.running:
             return
         alloc = self.alloc
@@ -727,92 +665,11 @@ class KVCacheManager:
         return [rid for rid, r in self._requests.items() if r.running]
 
     def needed_bytes(self) -> int:
-        """Bytes running requests truly need: the ideal, with no page rounding.
+        """Bytes running requests truly need (see `cache_stats.needed_bytes`)."""
+        return cache_stats.needed_bytes(self)
 
-        Per layer kind of the model: the K/V of the tokens its queries still read (every
-        token for full attention, the window or the current chunk otherwise), of each
-        image's encoder tokens, and one state per request. What requests share through
-        the prefix cache (the same physical page) counts once; two copies of the same
-        content that were not shared (a cache miss) are both needed.
-        """
-        running = [r for r in self._requests.values() if r.running]
-        total = 0
-        for g, k in zip(self.layout.groups, self._group_kind):
-            t = g.kind.type
-            if t is STATE:
-                total += len(running) * g.state_bytes
-            elif t is CROSS and not self.plan.images_inline:
-                images = {}
-                for r in running:
-                    pages = iter(r.cross_pages[k])
-                    for im in r.encoder_images:
-                        first = next(pages)
-                        for _ in range(-(-im.num_tokens // self._tpp[k]) - 1):
-                            next(pages)
-                        images[first] = im.num_tokens
-                total += sum(images.values()) * g.bytes_per_token
-            else:
-                if t is CROSS:  # paged: the encoder tokens lead the token stream
-                    ranges = [(0, r.offset) for r in running]
-                else:
-                    ranges = [
-                        (
-                            r.offset + g.kind.first_needed_token(max(0, r.num_computed - r.offset)),
-                            r.num_allocated,
-                        )
-                        for r in running
-                    ]
-                total += self._live_tokens(running, ranges, k) * g.bytes_per_token
-        return total
-
-    def _live_tokens(self, running, ranges, k: int) -> int:
-        """Distinct token slots of kind k's pages in the requests' [lo, end) ranges.
-
-        A slot is (physical page, offset): shared pages count once, and a page counts
-        from the earliest slot any of its holders still reads.
-        """
-        tpp = self._tpp[k]
-        ids: list[int] = []
-        offsets: list[int] = []
-        private = 0
-        for req, (lo, end) in zip(running, ranges):
-            first_page, last_page = lo // tpp, end // tpp
-            private += end - max(lo, last_page * tpp)  # the partial page at the end
-            if last_page > first_page:
-                ids.extend(req.pages[k][first_page:last_page])
-                offsets.append(lo - first_page * tpp)
-                offsets.extend([0] * (last_page - first_page - 1))
-        if not ids:
-            return private
-        ids_arr = np.asarray(ids, dtype=np.int64)
-        off_arr = np.asarray(offsets, dtype=np.int64)
-        order = np.lexsort((off_arr, ids_arr))  # by page, smallest offset first
-        ids_arr, off_arr = ids_arr[order], off_arr[order]
-        first = np.ones(len(ids_arr), dtype=bool)
-        first[1:] = ids_arr[1:] != ids_arr[:-1]
-        return private + int((tpp - off_arr[first]).sum())
-
-    # ------------------------------------------------------------------ stats
     def stats(self) -> CacheStats:
-        alloc = self.alloc
-        pb = alloc.page_bytes
-        pool = alloc.num_large * alloc.large_bytes
-        empty = alloc.num_empty * alloc.large_bytes
-        cached = sum(c * b for c, b in zip(alloc.ncached, pb))
-        return CacheStats(
-            pool_bytes=pool,
-            held_bytes=pool - empty - cached,
-            running_bytes=sum(h * b for h, b in zip(alloc.nheld, pb)),
-            needed_bytes=self.needed_bytes(),
-            cached_only_bytes=cached,
-            empty_bytes=empty,
-            pages_per_kind=tuple(alloc.nheld),
-            cached_pages_per_kind=tuple(alloc.ncached),
-            num_running=sum(1 for r in self._requests.values() if r.running),
-            hit_tokens=self.hit_tokens,
-            queried_tokens=self.queried_tokens,
-            evicted_pages=alloc.evicted_pages,
-        )
+        return cache_stats.collect(self)
 
 
 def _cumsum(values: Sequence[int]) -> list[int]:
