@@ -59,8 +59,10 @@ def needed_bytes(manager: KVCacheManager) -> int:
     total = 0
     for g, k in zip(manager.layout.groups, manager._group_kind):
         t = g.kind.type
-        if t is STATE:
-            total += len(running) * g.state_bytes
+        if t is STATE:  # one state, two while a step reads a checkpoint and writes anew
+            k = manager._group_kind[manager.layout.groups.index(g)]
+            copies = sum((r.cur[k] is not None) + bool(r.pages[k]) for r in running)
+            total += copies * g.state_bytes
         elif t is CROSS and not manager.plan.images_inline:
             images = {}
             for r in running:

@@ -18,6 +18,7 @@ otherwise they are placeholder tokens inside the prompt.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 from jenga_jax.core import cache_stats
@@ -205,6 +206,17 @@ class KVCacheManager:
             else:
                 demand[k] = 2 * self._per_state[k]
         return demand
+
+    @property
+    def checkpoint_interval(self) -> int | None:
+        """Steps that end on a multiple of this save every state kind's checkpoint.
+
+        A scheduler that wants prefix hits on a model with state kinds ends prefill
+        chunks there. None when the layout has no state kind or one never checkpoints.
+        """
+        if not self._state_kinds or not all(self._interval[k] for k in self._state_kinds):
+            return None
+        return math.lcm(*(self._interval[k] for k in self._state_kinds))
 
     def _get(self, request_id: str) -> RequestState:
         req = self._requests.get(request_id)

@@ -116,9 +116,7 @@ def simulate(
         # Admit waiting requests FCFS while their whole prompt fits.
         while waiting:
             rid = waiting[0]
-            hit = manager.lookup(rid)
-            todo = manager.num_tokens(rid) - hit
-            result = manager.allocate(rid, todo)
+            result = _prefill(manager, rid)
             if not result:
                 if not running:  # add_request vouched that it fits an empty pool
                     raise RuntimeError(f"{rid} cannot be admitted into an idle pool: {result}")
@@ -156,3 +154,27 @@ def simulate(
     res.memory_bound_mean_waste = waste_sum / max(res.memory_bound_steps, 1)
     res.cache_hit_rate = hit_tokens / max(prompt_tokens, 1)
     return res
+
+
+def _prefill(manager: KVCacheManager, rid: str):
+    """Allocate the whole prompt; with state kinds, in chunks ending on checkpoints.
+
+    Returns the first allocation's result (with its cache hit), or a refusal, in which
+    case the request is back to waiting (a partly prefilled one is preempted: what it
+    computed stays in the cache).
+    """
+    hit = manager.lookup(rid)
+    total = manager.num_tokens(rid)
+    interval = manager.checkpoint_interval
+    ends = list(range((hit // interval + 1) * interval, total, interval)) if interval else []
+    first = None
+    done = hit
+    for end in [*ends, total]:
+        result = manager.allocate(rid, end - done)
+        if not result:
+            if manager.is_running(rid):
+                manager.preempt(rid)
+            return result
+        first = first or result
+        done = end
+    return first
