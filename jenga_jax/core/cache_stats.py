@@ -61,8 +61,9 @@ def needed_bytes(manager: KVCacheManager) -> int:
         t = g.kind.type
         if t is STATE:  # one state, two while a step reads a checkpoint and writes anew
             k = manager._group_kind[manager.layout.groups.index(g)]
-            copies = sum((r.cur[k] is not None) + bool(r.pages[k]) for r in running)
-            total += copies * g.state_bytes
+            held = {r.cur[k][0] for r in running if r.cur[k]}  # shared checkpoints once
+            held |= {r.pages[k][0] for r in running if r.pages[k]}
+            total += len(held) * g.state_bytes
         elif t is CROSS and not manager.plan.images_inline:
             images = {}
             for r in running:
