@@ -186,9 +186,8 @@ class KVCacheManager:
             large = max(large, sum(-(-d // r) for d, r in zip(demand, self.alloc.ratio)))
         if large > self.alloc.num_large:
             raise RequestTooLargeError(
-                f"request {req.rid!r} needs {large} large pages ({total - req.offset} tokens, "
-                f"prefill chunks of {chunk - req.offset if chunk > req.offset else chunk}) "
-                f"but the pool has {self.alloc.num_large}: it can never fit"
+                f"request {req.rid!r} needs {large} large pages ({total} tokens, prefill "
+                f"chunks of {chunk}) but the pool has {self.alloc.num_large}: it can never fit"
             )
 
     def _pages_at(self, req: RequestState, tokens: int, step: int) -> list[int]:
@@ -233,6 +232,7 @@ class KVCacheManager:
         return len(req.tokens) - req.offset
 
     def num_computed_tokens(self, request_id: str) -> int:
+        """Tokens allocated so far: computed once the step of the last allocation ran."""
         req = self._get(request_id)
         return max(0, req.num_allocated - req.offset)
 
