@@ -202,3 +202,20 @@ def test_never_fits_check_accounts_for_the_prefill_chunk():
         assert m.allocate("chunked", 8)
     for t in range(100):
         assert m.allocate("chunked", 1, [t])
+
+
+def test_pages_a_running_window_left_behind_count_as_accessed_at_its_latest_step():
+    m = manager(lk.sliding(8, 1, 4))
+    m.add_request("a", A[:16])
+    assert m.allocate("a", 16)
+    assert m.allocate("a", 1, [1])  # commits 16 tokens: pages [0, 4) and [4, 8) released
+    released = [p for p in m.alloc.key[0] if m.alloc.ref[0][p] == 0]
+    assert len(released) == 2
+    run(m, "b", [7] * 12)  # finishes later: its pages get a newer access time
+    b_pages = {p for p in m.alloc.key[0] if m.alloc.ref[0][p] == 0} - set(released)
+    assert m.allocate("a", 1, [2])  # "a" runs on: its left-behind pages are newer than b's
+    for _ in range(len(b_pages)):
+        assert m.alloc._evict_lru_large()
+    assert set(released) <= set(m.alloc.key[0])  # b's pages went first
+    assert not b_pages & set(m.alloc.key[0])
+    check_manager(m)

@@ -212,27 +212,23 @@ class TwoLevelAllocator:
         big = p // self.ratio[k]
         self.nheld[k] -= 1
         self.lheld[big] -= 1
+        if self.lheld[big] == 0:
+            self.nzero[k] += 1
+            self.lver[big] += 1
         if p in self.key[k]:
-            self.ts[k][p] = ts
-            self.tie[k][p] = tie
-            v = self.ver[k][p] = self.ver[k][p] + 1
-            heapq.heappush(self.evict_heap[k], (ts, tie, p, v))
             self.ncached[k] += 1
             self.lcached[big] += 1
-            if self.lheld[big] == 0:
-                self.nzero[k] += 1
-                self._push_large(big)
+            self.requeue(k, p, ts, tie)
         else:
-            if self.lheld[big] == 0:
-                self.nzero[k] += 1
-                if self.lcached[big]:
-                    self._push_large(big)
-                else:
-                    self.lver[big] += 1
+            if self.lheld[big] == 0 and self.lcached[big]:
+                self._push_large(big)
             self._free_slot(k, big, p)
 
-    def restore_ts(self, k: int, p: int, ts: float, tie: int) -> None:
-        """Give an evictable page back its earlier last-access time (undo of a hit)."""
+    def requeue(self, k: int, p: int, ts: float, tie: int) -> None:
+        """Give evictable page p the eviction key (ts, tie), in both LRU heaps.
+
+        Also the undo of a refused hit: the page gets its earlier access time back.
+        """
         self.ts[k][p] = ts
         self.tie[k][p] = tie
         v = self.ver[k][p] = self.ver[k][p] + 1
@@ -284,9 +280,9 @@ class TwoLevelAllocator:
         return True
 
     def unregister(self, k: int, p: int) -> None:
-        """Take held page p out of the cache (its content was never computed)."""
-        key = self.key[k].pop(p)
-        del self.cache[k][key]
+        """Take page p out of the cache (a held page whose content was never computed)."""
+        del self.cache[k][self.key[k].pop(p)]
+        self.owner[k].pop(p, None)
         group = self.group[k].pop(p, None)
         if group is not None:
             members = self.group_pages[k][group]
@@ -302,14 +298,7 @@ class TwoLevelAllocator:
         for q in pages:
             if self.ref[k][q] or q not in self.key[k]:
                 continue  # a group member still held keeps its key until released
-            del self.cache[k][self.key[k].pop(q)]
-            self.owner[k].pop(q, None)
-            g = self.group[k].pop(q, None)
-            if g is not None:
-                members = self.group_pages[k][g]
-                members.discard(q)
-                if not members:
-                    del self.group_pages[k][g]
+            self.unregister(k, q)
             self.ver[k][q] += 1
             big = q // self.ratio[k]
             self.ncached[k] -= 1
@@ -346,8 +335,7 @@ class TwoLevelAllocator:
             k = self.lkind[big]
             cached = self._cached_in(big)
             if any([self._refresh(k, q) for q in cached]):
-                self._push_large(big)
-                continue
+                continue  # requeued with the newer time
             for q in cached:
                 self._evict(k, q)
             return True
@@ -362,9 +350,7 @@ class TwoLevelAllocator:
         if newer is None or newer <= self.ts[k][p]:
             del self.owner[k][p]
             return False
-        self.ts[k][p] = newer
-        v = self.ver[k][p] = self.ver[k][p] + 1
-        heapq.heappush(self.evict_heap[k], (newer, self.tie[k][p], p, v))
+        self.requeue(k, p, newer, self.tie[k][p])
         return True
 
     def evict_all(self) -> int:

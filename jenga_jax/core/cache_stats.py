@@ -60,7 +60,6 @@ def needed_bytes(manager: KVCacheManager) -> int:
     for g, k in zip(manager.layout.groups, manager._group_kind):
         t = g.kind.type
         if t is STATE:  # one state, two while a step reads a checkpoint and writes anew
-            k = manager._group_kind[manager.layout.groups.index(g)]
             held = {r.cur[k][0] for r in running if r.cur[k]}  # shared checkpoints once
             held |= {r.pages[k][0] for r in running if r.pages[k]}
             total += len(held) * g.state_bytes

@@ -82,6 +82,7 @@ class KVCacheManager:
         )
         self.enable_prefix_caching = enable_prefix_caching
         self.num_kinds = len(kinds)
+        self._rules = [k.rule for k in kinds]
         self._type = [k.type for k in kinds]
         self._tpp = [k.tokens_per_page for k in kinds]
         self._span = [k.tokens_per_page // self.plan.block_size for k in kinds]
@@ -103,7 +104,6 @@ class KVCacheManager:
         self.alloc.last_access = lambda req: req.last_ts if req.running else None
         self._clock = 0
         self._requests: dict[str, RequestState] = {}
-        self._image_hits: dict[int, list] = {}  # scratch of the first allocation in progress
         self._auto_id = 0
         self.hit_tokens = 0
         self.queried_tokens = 0
@@ -308,12 +308,8 @@ class KVCacheManager:
         return 0, {}
 
     def _first_needed(self, k: int, n: int) -> int:
-        t = self._type[k]
-        if t is SLIDING:
-            return max(0, n - self._window[k] + 1)
-        if t is CHUNKED:
-            return n // self._chunk[k] * self._chunk[k]
-        return 0
+        """First token kind k still reads when the next query is at position n."""
+        return self._rules[k].first_needed_token(n)
 
     # ------------------------------------------------------------------ allocate
     def allocate(
@@ -340,36 +336,33 @@ class KVCacheManager:
                 f"{req.num_allocated - req.offset + num_new_tokens} but only "
                 f"{known - req.offset} are known; pass the new token ids"
             )
+        before = len(req.tokens)
         if new_token_ids:
             req.tokens.extend(new_token_ids)
             req.hasher.update(req.tokens)
-        if req.running:
-            self._commit(req)
-            end = req.num_computed + num_new_tokens
-            demand = self._demand(req, end)
-            result = _OK
-            if demand is None:  # the held pages already cover the new tokens
-                req.num_allocated = end
-            elif self.alloc.feasible(demand):
-                self._take(req, demand)
-                req.num_allocated = end
-                self._register_pages(req)
+        result = None
+        try:
+            if req.running:
+                result = self._allocate_next(req, num_new_tokens)
             else:
-                result = AllocationResult(False, reason=self._refusal(demand))
-        else:
-            try:
                 result = self._allocate_first(req, num_new_tokens)
-            except RequestError:
-                result = None
-                raise
-            finally:
-                if result is None and new_token_ids:
-                    del req.tokens[len(req.tokens) - len(new_token_ids) :]
-                    req.hasher.truncate(len(req.tokens))
-        if not result and new_token_ids:  # a refusal changes nothing: forget the tokens
-            del req.tokens[len(req.tokens) - len(new_token_ids) :]
-            req.hasher.truncate(len(req.tokens))
+        finally:
+            if not result:  # an error or a refusal changes nothing: forget the tokens
+                del req.tokens[before:]
+                req.hasher.truncate(before)
         return result
+
+    def _allocate_next(self, req: RequestState, num_new_tokens: int) -> AllocationResult:
+        self._commit(req)
+        end = req.num_computed + num_new_tokens
+        demand = self._demand(req, end)
+        if demand is not None:  # else the held pages already cover the new tokens
+            if not self.alloc.feasible(demand):
+                return AllocationResult(False, reason=self._refusal(demand))
+            self._take(req, demand)
+        req.num_allocated = end
+        self._register_pages(req)
+        return _OK
 
     def _allocate_first(self, req: RequestState, num_new_tokens: int) -> AllocationResult:
         length, share = self._find_hit(req)
@@ -383,7 +376,10 @@ class KVCacheManager:
                 f"{len(req.tokens) - req.offset} known tokens (see lookup)"
             )
         alloc = self.alloc
-        cross_hits = self._find_images(req)
+        images = self._find_images(req)
+        cross_hits = {
+            k: [p for pages in found if pages for p in pages] for k, found in images.items()
+        }
         shared = [
             (k, p) for part in (share, cross_hits) for k, pages in part.items() for p in pages
         ]
@@ -395,7 +391,7 @@ class KVCacheManager:
             for k, p in shared:
                 alloc.release(k, p, 0.0)
             for k, p, ts, tie in undo:  # evictable again, at their old access times
-                alloc.restore_ts(k, p, ts, tie)
+                alloc.requeue(k, p, ts, tie)
             return AllocationResult(False, reason=self._refusal(demand))
         # Commit: install the hit, then take the new pages.
         for k in self._token_kinds:
@@ -409,7 +405,7 @@ class KVCacheManager:
             if k in share:
                 req.cur[k] = list(share[k])
                 req.frozen[k] = True
-        self._take_cross(req, demand)
+        self._take_cross(req, images, demand)
         self._take(req, demand)
         req.running = True
         req.num_computed = length
@@ -420,24 +416,17 @@ class KVCacheManager:
         self.queried_tokens += len(req.tokens) - req.offset
         return AllocationResult(True, num_cached_tokens=hit)
 
-    def _find_images(self, req: RequestState) -> dict[int, list[int]]:
-        """Per cross kind: the cached pages of the request's images found whole."""
-        hits: dict[int, list[int]] = {}
-        self._image_hits = {}
-        if not self.enable_prefix_caching:
-            return hits
+    def _find_images(self, req: RequestState) -> dict[int, list[list[int] | None]]:
+        """Per cross kind, per image: its cached pages if found whole, else None."""
+        found: dict[int, list[list[int] | None]] = {}
         for k in self._cross_kinds:
-            found, per_image = [], []
+            found[k] = []
             for im in req.encoder_images:
                 keys = [(im.content_hash, j) for j in range(-(-im.num_tokens // self._tpp[k]))]
                 pages = [self.alloc.cache[k].get(key) for key in keys]
-                whole = None not in pages
-                per_image.append(pages if whole else None)
-                if whole:
-                    found.extend(pages)
-            hits[k] = found
-            self._image_hits[k] = per_image
-        return hits
+                whole = self.enable_prefix_caching and None not in pages
+                found[k].append(pages if whole else None)
+        return found
 
     def _demand_first(self, req, length, end, share, cross_hits) -> list[int]:
         demand = [0] * self.num_kinds
@@ -482,12 +471,11 @@ class KVCacheManager:
             (len(req.pages[k]) * self._tpp[k] for k in self._token_kinds), default=1 << 62
         )
 
-    def _take_cross(self, req: RequestState, demand) -> None:
+    def _take_cross(self, req: RequestState, images, demand) -> None:
         """Cross pages per image: the cached ones found by `_find_images`, or new ones."""
         alloc = self.alloc
         for k in self._cross_kinds:
-            found = self._image_hits.get(k) or [None] * len(req.encoder_images)
-            for im, pages in zip(req.encoder_images, found):
+            for im, pages in zip(req.encoder_images, images[k]):
                 if pages is not None:
                     req.cross_pages[k].extend(pages)
                     continue
@@ -528,7 +516,7 @@ class KVCacheManager:
                 req.cur[k] = written
                 req.pages[k] = []
             interval = self._interval[k]
-            if caching and interval and n % interval == 0 and n > old:
+            if caching and interval and n % interval == 0:
                 h = hashes[n // self.plan.block_size - 1]
                 for j, page in enumerate(req.cur[k]):
                     alloc.register(k, page, (h, j), h)
@@ -615,7 +603,6 @@ class KVCacheManager:
             raise RequestError(f"request {request_id!r} is not running")
         self._release_all(req, True)
         req.reset(self.num_kinds)
-        req.running = False
         req.num_computed = req.num_allocated = 0
 
     def _release_all(self, req: RequestState, computed: bool) -> None:
@@ -634,7 +621,7 @@ class KVCacheManager:
         for k, page, prefix in req.released:  # balanced: they share the request's last access
             if alloc.owner[k].get(page) is req:
                 del alloc.owner[k][page]
-                alloc.restore_ts(k, page, *self._stamp(ts, prefix))
+                alloc.requeue(k, page, *self._stamp(ts, prefix))
         req.released = []
         for k in range(self.num_kinds):
             tpp = self._tpp[k]
@@ -648,7 +635,7 @@ class KVCacheManager:
             for p in range(len(pages) - 1, -1, -1):  # tail first
                 page = pages[p]
                 if page is not None:
-                    alloc.release(k, page, *self._stamp(ts, (p + 1) * max(tpp, 1)))
+                    alloc.release(k, page, *self._stamp(ts, (p + 1) * tpp))
         req.running = False
 
     def reset_cache(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 from jenga_jax.core.errors import LayoutError
@@ -50,7 +51,7 @@ class ModelLayout:
     def from_kinds(cls, name: str, layers: Sequence[LayerKind]) -> ModelLayout:
         return cls(name, tuple(layers))
 
-    @property
+    @functools.cached_property
     def groups(self) -> tuple[KindGroup, ...]:
         """Distinct kinds in order of first appearance, each with its layers."""
         order: dict[LayerKind, list[int]] = {}
