@@ -25,13 +25,21 @@ demands leave no spare large page it only uses slots that do not cost one.
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Hashable, Sequence
 
 FREE, HELD, EVICTABLE = "free", "held", "evictable"
 
 
 class TwoLevelAllocator:
-    def __init__(self, page_bytes: Sequence[int], large_bytes: int, num_large: int):
+    def __init__(
+        self,
+        page_bytes: Sequence[int],
+        large_bytes: int,
+        num_large: int,
+        *,
+        shuffle_seed: int | None = None,
+    ):
         for b in page_bytes:
             if b <= 0 or large_bytes % b:
                 raise ValueError(f"page size {b} does not divide the large page {large_bytes}")
@@ -58,6 +66,8 @@ class TwoLevelAllocator:
         self.lowner: list[object] = [None] * num_large
         self.lver = [0] * num_large
         self.empty = list(range(num_large - 1, -1, -1))  # stack, page 0 on top
+        if shuffle_seed is not None:  # random placement (tests: nothing may rely on order)
+            random.Random(shuffle_seed).shuffle(self.empty)
         self.partial: list[dict[int, None]] = [{} for _ in kinds]  # ordered set of large ids
         self.large_heap: list[tuple] = []
         # Counters, per kind.

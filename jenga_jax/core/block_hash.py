@@ -2,7 +2,8 @@
 
 hash(block i) = H(hash(block i-1), token ids of block i, extra keys of block i).
 Extra keys are the content hashes of images overlapping the block, the adapter name
-(every block) and a per-tenant salt (first block; the chain carries it on).
+(every block), a per-tenant salt and the request's encoder images (first block; the
+chain carries them on: with cross attention every text token's K/V depends on them).
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ class BlockHasher:
         inline_images: Sequence[ImageInput] = (),
         adapter: str | None = None,
         salt: str | None = None,
+        context: Sequence[str] = (),
     ):
         self.block_size = block_size
+        self.context = tuple(context)
         self.images = sorted(inline_images, key=lambda im: im.offset)
         self.adapter = adapter
         self.salt = salt
@@ -52,6 +55,8 @@ class BlockHasher:
             keys.append("lora:" + self.adapter)
         if index == 0 and self.salt:
             keys.append("salt:" + self.salt)
+        if index == 0:
+            keys.extend("enc:" + c for c in self.context)
         return tuple(keys)
 
     def update(self, token_ids: Sequence[int]) -> list[bytes]:

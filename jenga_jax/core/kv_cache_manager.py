@@ -67,7 +67,9 @@ class KVCacheManager:
         tokens_per_page: int = 16,
         enable_prefix_caching: bool = True,
         plan: PagePlan | None = None,
+        shuffle_seed: int | None = None,
     ):
+        """`shuffle_seed`: hand out empty large pages in a random order (tests)."""
         self.plan = plan or make_plan(layout, allocator, tokens_per_page)
         self.layout = self.plan.layout
         num_large = int(kv_budget_bytes) // self.plan.large_page_bytes
@@ -78,7 +80,10 @@ class KVCacheManager:
             )
         kinds = self.plan.kinds
         self.alloc = TwoLevelAllocator(
-            [k.page_bytes for k in kinds], self.plan.large_page_bytes, num_large
+            [k.page_bytes for k in kinds],
+            self.plan.large_page_bytes,
+            num_large,
+            shuffle_seed=shuffle_seed,
         )
         self.enable_prefix_caching = enable_prefix_caching
         self.num_kinds = len(kinds)
@@ -162,7 +167,9 @@ class KVCacheManager:
                         f"[{im.offset}, {im.offset + im.num_tokens}) beyond the "
                         f"{len(tokens)}-token prompt"
                     )
-        hasher = BlockHasher(self.plan.block_size, inline, adapter, salt)
+        # Cross attention: every text token's K/V depends on the encoder images.
+        context = [im.content_hash for im in encoder] if not self.plan.images_inline else []
+        hasher = BlockHasher(self.plan.block_size, inline, adapter, salt, context)
         req = RequestState(request_id, tokens, images, encoder, hasher, offset, self.num_kinds)
         if prefill_chunk is not None and prefill_chunk <= 0:
             raise RequestError(f"request {request_id!r}: prefill_chunk must be positive")
@@ -482,6 +489,7 @@ class KVCacheManager:
                 for j in range(-(-im.num_tokens // self._tpp[k])):
                     page = alloc.take(k, req, req.owned[k], demand)
                     req.cross_pages[k].append(page)
+                    req.unwritten.add((k, page))
                     key = (im.content_hash, j)
                     if self.enable_prefix_caching and alloc.register(k, page, key, im.content_hash):
                         req.fresh.append((k, page))
@@ -499,6 +507,7 @@ class KVCacheManager:
         n = req.num_allocated
         old = req.num_computed
         req.fresh = []
+        req.unwritten.clear()
         if n == old:
             return
         alloc = self.alloc
@@ -659,6 +668,19 @@ class KVCacheManager:
             read = req.cur[kind] or [None] * self._per_state[kind]
             return list(read) + list(req.pages[kind] or read)
         return list(req.pages[kind])
+
+    def cross_pages_to_write(self, request_id: str, kind: int) -> list[bool]:
+        """Per page of `block_table(request_id, kind)` (a cross kind): must the next step
+        write the image's K/V there? True for pages this request took new rather than
+        found in the cache, until the step of its first allocation has run."""
+        req = self._get(request_id)
+        if self._type[kind] is not CROSS:
+            raise RequestError(f"kind {kind} is {self._type[kind].value}, not cross")
+        return [(kind, p) in req.unwritten for p in req.cross_pages[kind]]
+
+    def encoder_token_counts(self, request_id: str) -> list[int]:
+        """Tokens of each image stored in the cross kinds' pages (in page order)."""
+        return [im.num_tokens for im in self._get(request_id).encoder_images]
 
     def running_ids(self) -> list[str]:
         return [rid for rid, r in self._requests.items() if r.running]

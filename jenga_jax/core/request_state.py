@@ -12,8 +12,8 @@ class RequestState:
     __slots__ = (
         "rid", "tokens", "images", "encoder_images", "hasher", "offset", "num_computed",
         "num_allocated", "running", "pages", "first", "registered", "owned", "cur",
-        "frozen", "cross_pages", "fresh", "released", "last_ts", "covered", "state_due",
-        "next_dead", "next_full",
+        "frozen", "cross_pages", "unwritten", "fresh", "released", "last_ts", "covered",
+        "state_due", "next_dead", "next_full",
     )  # fmt: skip
 
     def __init__(self, rid, tokens, images, encoder_images, hasher, offset, num_kinds):
@@ -36,6 +36,7 @@ class RequestState:
         self.cur: list = [None] * num_kinds  # state kinds: page with the latest state
         self.frozen = [False] * num_kinds  # cur is a checkpoint: write the next state elsewhere
         self.cross_pages: list[list[int]] = [[] for _ in range(num_kinds)]
+        self.unwritten: set[tuple[int, int]] = set()  # (kind, page) the next step must fill
         self.fresh: list[tuple[int, int]] = []  # (kind, page) cached by the last allocation
         self.released: list[tuple[int, int, int]] = []  # (kind, page, prefix) out of window
         self.last_ts = 0  # clock of the last step (balanced eviction)

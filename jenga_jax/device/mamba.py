@@ -341,18 +341,17 @@ def state_page_elems(*, layers_per_page: int, d_inner: int, d_state: int, d_conv
 
 
 def state_view(pool_f32, *, layers_per_page: int, d_inner: int, d_state: int, d_conv: int):
-    """Zero-copy view of a float32 pool for a state kind.
+    """Zero-copy view of the pool for a state kind.
 
-    pool_f32 [num_large_pages, large_page_elems] float32
+    States are stored in the pool's dtype (float32 keeps them exact; a bfloat16 pool
+    rounds them on every write, as vLLM's default mamba cache dtype does) and computed
+    in float32. pool_f32 [num_large_pages, large_page_elems] (any float dtype)
     -> [num_pages, layers_per_page, per_layer_elems] (see :func:`state_page_elems`).
     """
     if pool_f32.ndim != 2:
         raise ValueError(f"pool must be [num_large_pages, large_page_elems], got {pool_f32.shape}")
-    if pool_f32.dtype != _F32:
-        raise ValueError(
-            f"state pages are float32: the pool must be float32, got {pool_f32.dtype} "
-            "(bitcast a pool of another dtype to float32 first)"
-        )
+    if not jnp.issubdtype(pool_f32.dtype, jnp.floating):
+        raise ValueError(f"the pool must be a float array, got {pool_f32.dtype}")
     per_layer = state_layer_elems(d_inner=d_inner, d_state=d_state, d_conv=d_conv)
     page_elems = state_page_elems(
         layers_per_page=layers_per_page, d_inner=d_inner, d_state=d_state, d_conv=d_conv

@@ -232,6 +232,7 @@ def paged_attention(
     scale: float,
     soft_cap: float | None = None,
     sinks=None,
+    page_fill=None,
 ):
     """Attention of queries over one layer's paged K/V.
 
@@ -239,6 +240,9 @@ def paged_attention(
     block_tables int [batch, max_pages] (entry i: page of tokens [i*tpp, (i+1)*tpp), -1 if
     none); kv_lens int [batch] (keys 0..kv_len-1 are valid); q_positions int [batch, q_len]
     (absolute positions, -1 = padding query). sinks: optional float [q_heads] sink logits.
+    page_fill: optional int [batch, max_pages], kind "cross" only: page i holds
+    page_fill[b, i] valid keys at its first offsets (several images, each starting on a
+    fresh page); key (i, o) is then valid iff o < page_fill[b, i] and i * tpp + o < kv_len.
     Returns [batch, q_len, q_heads, head_dim] in q.dtype.
 
     Only the pages of visible keys are read: a page outside every query's visible range
@@ -269,6 +273,19 @@ def paged_attention(
         )
     if q_positions.shape != (batch, q_len):
         raise ValueError(f"q_positions must be [{batch}, {q_len}], got {q_positions.shape}")
+    if page_fill is not None:
+        if kind != "cross":
+            raise ValueError(f"page_fill is only for kind 'cross', got it for {kind!r}")
+        page_fill = _int_array("page_fill", page_fill, 2)
+        if page_fill.shape != block_tables.shape:
+            raise ValueError(
+                f"page_fill must be {list(block_tables.shape)} like block_tables, "
+                f"got {page_fill.shape}"
+            )
+        if not _traced(page_fill):
+            pf = np.asarray(page_fill)
+            if np.any((pf < 0) | (pf > tpp)):
+                raise ValueError(f"page_fill entries must be in [0, {tpp}], got {pf}")
     if not _traced(block_tables, kv_lens, q_positions):
         bt, kl, qp = np.asarray(block_tables), np.asarray(kv_lens), np.asarray(q_positions)
         if np.any((bt < -1) | (bt >= num_pages)):
@@ -294,6 +311,9 @@ def paged_attention(
     k_pos = jnp.where(j[None, :] < kv_lens[:, None], j[None, :], -1)  # [B, S]
     page_ok = (block_tables >= 0) & (block_tables < num_pages)
     key_ok = jnp.repeat(page_ok, tpp, axis=1)  # [B, S]
+    if page_fill is not None:
+        filled = jnp.arange(tpp)[None, None, :] < page_fill[:, :, None]  # [B, P, tpp]
+        k_pos = jnp.where(filled.reshape(batch, seq), k_pos, -1)
     visible = _visible(q_positions, k_pos, kind=kind, window=window, chunk=chunk)
     broken = jnp.any(visible & ~key_ok[:, None, :], axis=-1)  # [B, Lq]
     out = _attend(

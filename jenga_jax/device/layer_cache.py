@@ -1,0 +1,135 @@
+"""What a layer reads and writes besides its weights: paged (the pool) or dense (none).
+
+Layers call ``cache.attend``, ``cache.cross_attend`` or ``cache.mamba`` and get back
+``(new_cache, out)``. :class:`PagedCache` writes the step's K/V (or state) into the
+shared pool through the page table, then reads it back; :class:`DenseCache` is the
+no-cache oracle over a whole sequence. The models are the same code over both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jenga_jax.device import mamba
+from jenga_jax.device.page_table import KindTable, PageTable, StateTable
+from jenga_jax.device.pool import PoolLayout
+from jenga_jax.device.reference_attention import dense_attention, paged_attention, write_kv
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseCache:
+    """No cache: every layer sees the whole sequence at once (the oracle).
+
+    positions int [B, T]; image_embeds [B, E, vision_dim] or None; image_lens int [B].
+    """
+
+    positions: jax.Array
+    image_embeds: jax.Array | None = None
+    image_lens: jax.Array | None = None
+
+    def attend(self, layer, q, k, v, *, kind, window, chunk, scale, soft_cap, sinks):
+        out = dense_attention(
+            q, k, v, self.positions, self.positions, kind=kind, window=window, chunk=chunk,
+            scale=scale, soft_cap=soft_cap, sinks=sinks,
+        )  # fmt: skip
+        return self, out
+
+    def cross_attend(self, layer, q, project, *, scale):
+        """q [B, T, H, D]; project(images [B, E, vd]) -> k, v [B, E, Hkv, D].
+
+        Returns (cache, out [B, T, H, D], has_image bool [B])."""
+        b, e = self.image_embeds.shape[:2]
+        k, v = project(self.image_embeds)
+        k_pos = jnp.where(jnp.arange(e)[None] < self.image_lens[:, None], jnp.arange(e)[None], -1)
+        out = dense_attention(q, k, v, self.positions, k_pos, kind="cross", scale=scale)
+        return self, out, self.image_lens > 0
+
+    def mamba(self, layer, params, x):
+        """x [B, T, d_model] from the zero state. Returns (cache, y [B, T, d_model])."""
+        conv, ssm = mamba.zero_state(params)
+        b = x.shape[0]
+        conv = jnp.broadcast_to(conv, (b, *conv.shape))
+        ssm = jnp.broadcast_to(ssm, (b, *ssm.shape))
+        y, _, _ = mamba.mamba_forward_batch(params, x, conv, ssm)
+        return self, y
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedCache:
+    """The shared pool, threaded through the layers of one step.
+
+    pool [num_large_pages, large_page_elems]; table: the step's page table; layout
+    (static): the pool's views and where each model layer lives; image_embeds
+    [B, E, vision_dim] or None (only on steps that write cross K/V).
+    """
+
+    pool: jax.Array
+    table: PageTable
+    image_embeds: jax.Array | None
+    layout: PoolLayout = dataclasses.field(metadata=dict(static=True))
+
+    def _slot(self, layer):
+        s = self.layout.layer_slots[layer]
+        return s, self.layout.kinds[s.kind], self.table.kinds[s.kind]
+
+    def _with_pool(self, view):
+        return dataclasses.replace(self, pool=self.layout.unview(view))
+
+    def attend(self, layer, q, k, v, *, kind, window, chunk, scale, soft_cap, sinks):
+        """Write this step's k, v [B, Q, Hkv, D], then attend q [B, Q, H, D] over the pages."""
+        s, kv, entry = self._slot(layer)
+        assert isinstance(entry, KindTable) and kv.type.value == kind, (kind, kv.type)
+        b, nq = q.shape[:2]
+        view = self.layout.view(self.pool, s.kind)
+        view = write_kv(
+            view,
+            k.reshape(b * nq, *k.shape[2:]),
+            v.reshape(b * nq, *v.shape[2:]),
+            entry.slot_pages.reshape(-1),
+            entry.slot_offsets.reshape(-1),
+            layer=s.slot,
+        )
+        out = paged_attention(
+            q, view, entry.block_tables, entry.kv_lens, self.table.q_positions, layer=s.slot,
+            kind=kind, window=window, chunk=chunk, scale=scale, soft_cap=soft_cap, sinks=sinks,
+        )  # fmt: skip
+        return self._with_pool(view), out
+
+    def cross_attend(self, layer, q, project, *, scale):
+        """Write the encoder K/V of rows that need it (image_embeds given), then attend."""
+        s, kv, entry = self._slot(layer)
+        view = self.layout.view(self.pool, s.kind)
+        if self.image_embeds is not None:
+            k, v = project(self.image_embeds)  # [B, E, Hkv, D]
+            b, e = k.shape[:2]
+            view = write_kv(
+                view,
+                k.reshape(b * e, *k.shape[2:]),
+                v.reshape(b * e, *v.shape[2:]),
+                entry.slot_pages.reshape(-1),
+                entry.slot_offsets.reshape(-1),
+                layer=s.slot,
+            )
+        out = paged_attention(
+            q, view, entry.block_tables, entry.kv_lens, self.table.q_positions, layer=s.slot,
+            kind="cross", scale=scale, page_fill=entry.page_fill,
+        )  # fmt: skip
+        return self._with_pool(view), out, entry.kv_lens > 0
+
+    def mamba(self, layer, params, x):
+        """Read the state pages, run the step's tokens x [B, Q, d_model], write the state."""
+        s, kv, entry = self._slot(layer)
+        assert isinstance(entry, StateTable)
+        d_inner, d_state, d_conv = kv.state_dims
+        dims = dict(d_inner=d_inner, d_state=d_state, d_conv=d_conv)
+        view = self.layout.view(self.pool, s.kind)
+        conv, ssm = mamba.read_state(view, entry.read_pages[:, s.part], s.slot, **dims)
+        y, conv, ssm = mamba.mamba_forward_batch(
+            params, x, conv, ssm, valid_lens=self.table.num_real_queries
+        )
+        view = mamba.write_state(view, entry.write_pages[:, s.part], s.slot, conv, ssm)
+        return self._with_pool(view), y

@@ -1,0 +1,128 @@
+"""The page-table state of one step: a frozen pytree passed to the jitted steps.
+
+Built on the host with numpy (``jenga_jax.engine.page_table_builder``), padded to shape
+buckets, moved to the device once per step. Padding rows and tokens use -1 everywhere.
+
+Per token kind (full, sliding, chunked) a :class:`KindTable`:
+  block_tables int32 [B, P]   page of tokens [i * tpp, (i + 1) * tpp); -1: none
+  kv_lens      int32 [B]      tokens with K/V after this step's writes
+  slot_pages   int32 [B, Q]   where this step's token q writes its K/V (-1: padding)
+  slot_offsets int32 [B, Q]
+Per cross kind a :class:`KindTable` over the encoder (image) tokens, plus
+  page_fill    int32 [B, P]   valid tokens of each page (each image starts a page)
+  slot_*       int32 [B, E]   where encoder token e writes (-1: cached or not this step)
+Per state kind a :class:`StateTable`:
+  read_pages   int32 [B, S]   pages of the state to read (-1: zero state), S pages/state
+  write_pages  int32 [B, S]   pages to write the new state into (may equal read_pages)
+and q_positions int32 [B, Q] (absolute positions; -1: padding) shared by all kinds.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.experimental import checkify
+
+from jenga_jax.device.pool import PoolLayout
+
+
+@struct.dataclass
+class KindTable:
+    block_tables: jax.Array
+    kv_lens: jax.Array
+    slot_pages: jax.Array
+    slot_offsets: jax.Array
+    page_fill: jax.Array | None = None  # cross kinds only
+
+
+@struct.dataclass
+class StateTable:
+    read_pages: jax.Array
+    write_pages: jax.Array
+
+
+@struct.dataclass
+class PageTable:
+    q_positions: jax.Array
+    kinds: tuple[KindTable | StateTable, ...]
+
+    @property
+    def batch(self) -> int:
+        return self.q_positions.shape[0]
+
+    @property
+    def num_queries(self) -> int:
+        return self.q_positions.shape[1]
+
+    @property
+    def num_real_queries(self) -> jax.Array:
+        """int32 [B]: real (left-aligned) query tokens of each row."""
+        return jnp.sum(self.q_positions >= 0, axis=1).astype(jnp.int32)
+
+
+def check_matches(table: PageTable, layout: PoolLayout) -> None:
+    """Raise unless the table has one entry of the right kind and shape per pool kind.
+
+    Static (shapes only): runs at trace time, so a table built for another model fails
+    before anything is written.
+    """
+    if len(table.kinds) != len(layout.kinds):
+        raise ValueError(
+            f"page table has {len(table.kinds)} kinds, the model's pool has "
+            f"{len(layout.kinds)}: {[k.type.value for k in layout.kinds]}"
+        )
+    b, q = table.q_positions.shape
+    for k, (entry, view) in enumerate(zip(table.kinds, layout.kinds)):
+        want = StateTable if view.is_state else KindTable
+        if not isinstance(entry, want):
+            raise ValueError(
+                f"page table kind {k} is a {type(entry).__name__}, but the model's kind {k} "
+                f"is {view.type.value} (needs a {want.__name__})"
+            )
+        if view.is_state:
+            shapes = {
+                "read_pages": (b, view.pages_per_state),
+                "write_pages": (b, view.pages_per_state),
+            }
+        else:
+            p = entry.block_tables.shape[-1]
+            shapes = {"block_tables": (b, p), "kv_lens": (b,)}
+            if view.type.value != "cross":
+                shapes |= {"slot_pages": (b, q), "slot_offsets": (b, q)}
+            if (entry.page_fill is not None) != (view.type.value == "cross"):
+                raise ValueError(f"page table kind {k}: page_fill is for cross kinds only")
+        for name, shape in shapes.items():
+            got = getattr(entry, name).shape
+            if got != shape:
+                raise ValueError(
+                    f"page table kind {k} ({view.type.value}): {name} {got} != {shape}"
+                )
+
+
+def device_checks(table: PageTable, layout: PoolLayout) -> None:
+    """checkify checks that every page id is -1 or in range (debug mode).
+
+    JAX clips (gathers) or drops (scatters) out-of-range indices silently; under
+    ``checkify.checkify`` these raise instead. The host builder validates the same.
+    """
+    for k, (entry, view) in enumerate(zip(table.kinds, layout.kinds)):
+        n = view.num_pages
+        ids = (
+            (entry.read_pages, entry.write_pages)
+            if view.is_state
+            else (entry.block_tables, entry.slot_pages)
+        )
+        for arr in ids:
+            ok = jnp.all((arr >= -1) & (arr < n))
+            checkify.check(ok, f"kind {k} ({view.type.value}): page id out of [-1, {n})")
+        if not view.is_state:
+            tpp = view.tokens_per_page
+            offsets_ok = jnp.all(
+                (entry.slot_pages < 0) | ((entry.slot_offsets >= 0) & (entry.slot_offsets < tpp))
+            )
+            checkify.check(offsets_ok, f"kind {k} ({view.type.value}): slot offset out of range")
+            lens_ok = jnp.all(
+                (entry.kv_lens >= 0) & (entry.kv_lens <= entry.block_tables.shape[1] * tpp)
+            )
+            checkify.check(lens_ok, f"kind {k} ({view.type.value}): kv_len beyond the table")

@@ -1,0 +1,1 @@
+"""Engine: the glue between the host manager and the jitted device steps."""

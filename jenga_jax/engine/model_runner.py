@@ -1,0 +1,210 @@
+"""ModelRunner: one model, one shared pool, the host manager, and the jitted steps.
+
+The runner allocates a step's rows in the manager, builds the padded page table with
+numpy, moves it to the device once and runs the prefill or decode step, keeping the
+returned (donated, updated in place) pool. Admission and batching policy belong to a
+scheduler; a row the pool cannot hold now is refused and left out of the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from jenga_jax.core.errors import RequestError
+from jenga_jax.core.kv_cache_manager import KVCacheManager
+from jenga_jax.core.page_plan import make_plan
+from jenga_jax.core.request import ImageInput
+from jenga_jax.device.pool import PoolLayout
+from jenga_jax.engine.buckets import Buckets
+from jenga_jax.engine.page_table_builder import StepRow, build_page_table
+from jenga_jax.engine.steps import StepInputs, make_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    """An image given as embeddings [num_tokens, vision_dim] and a content hash (cache key)."""
+
+    content_hash: str
+    embeds: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """A row of a step: compute `num_tokens` more tokens of a request.
+
+    `new_token_ids` are tokens sampled since the last step (appended first). For a
+    waiting request (first step, or after preemption) the tokens start after its
+    prefix-cache hit, as found at allocation, and stop at its last known token.
+    """
+
+    request_id: str
+    num_tokens: int
+    new_token_ids: tuple[int, ...] = ()
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model,
+        *,
+        num_large_pages: int,
+        tokens_per_page: int = 16,
+        checkpoint_interval: int | None = None,
+        buckets: Buckets | None = None,
+        enable_prefix_caching: bool = True,
+        debug: bool = False,
+        pool_fill: float = 0.0,
+        shuffle_seed: int | None = None,
+    ):
+        """`pool_fill`: initial pool value (NaN in tests: unwritten pages must never be
+        read); `shuffle_seed`: random page placement (tests)."""
+        cfg = model.cfg
+        self.cfg = cfg
+        layout = cfg.layout(cfg.dtype, checkpoint_interval)
+        self.plan = make_plan(layout, "jenga", tokens_per_page)
+        self.manager = KVCacheManager(
+            layout,
+            num_large_pages * self.plan.large_page_bytes,
+            plan=self.plan,
+            enable_prefix_caching=enable_prefix_caching,
+            shuffle_seed=shuffle_seed,
+        )
+        state_dims = (cfg.d_inner, cfg.mamba.d_state, cfg.mamba.d_conv) if cfg.mamba else None
+        self.layout = PoolLayout.from_plan(self.plan, num_large_pages, state_dims=state_dims)
+        self.pool = self.layout.full(pool_fill)
+        self.steps = make_steps(model, self.layout, debug=debug)
+        self.params = self.steps.params
+        self.buckets = buckets or Buckets()
+        self._tokens: dict[str, list[int]] = {}
+        self._images: dict[str, list[Image]] = {}
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        *,
+        images: Sequence[Image] = (),
+        max_new_tokens: int = 0,
+        prefill_chunk: int | None = None,
+    ) -> str:
+        """Register a request; checks the model's limits before the manager sees it."""
+        cfg = self.cfg
+        prompt = [int(t) for t in prompt_token_ids]
+        total = len(prompt) + max_new_tokens
+        if total > cfg.max_seq_len:
+            raise RequestError(
+                f"request {request_id!r}: {len(prompt)} prompt + {max_new_tokens} new tokens "
+                f"exceed the model's maximum length {cfg.max_seq_len}"
+            )
+        if any(not 0 <= t < cfg.vocab_size for t in prompt):
+            raise RequestError(
+                f"request {request_id!r}: token ids must be in [0, {cfg.vocab_size})"
+            )
+        images = list(images)
+        if images and cfg.vision_dim is None:
+            raise RequestError(f"{cfg.name} has no cross-attention layers: it takes no images")
+        for im in images:
+            e = np.asarray(im.embeds)
+            if e.ndim != 2 or e.shape[0] < 1 or e.shape[1] != cfg.vision_dim:
+                raise RequestError(
+                    f"request {request_id!r}: image {im.content_hash!r} embeddings must be "
+                    f"[num_tokens >= 1, {cfg.vision_dim}], got {list(e.shape)}"
+                )
+        host_images = [ImageInput(im.content_hash, len(im.embeds)) for im in images]
+        rid = self.manager.add_request(
+            request_id,
+            prompt,
+            images=host_images,
+            max_new_tokens=max_new_tokens,
+            prefill_chunk=prefill_chunk,
+        )
+        self._tokens[rid] = prompt
+        self._images[rid] = images
+        return rid
+
+    def free(self, request_id: str) -> None:
+        self.manager.free(request_id)
+        del self._tokens[request_id], self._images[request_id]
+
+    def preempt(self, request_id: str) -> None:
+        """Give back a running request's pages; its next step recomputes (cache hits help)."""
+        self.manager.preempt(request_id)
+
+    def tokens(self, request_id: str) -> list[int]:
+        return list(self._tokens[request_id])
+
+    # ------------------------------------------------------------------ steps
+    def step(self, work: Sequence[Work], *, decode: bool = False, all_logits: bool = False):
+        """Allocate and run one step.
+
+        Returns (rows, logits, refused). A row the pool cannot hold now is refused: it
+        changes nothing (its new_token_ids are not kept; send them again) and the step
+        runs without it. logits: float32 numpy [len(rows), vocab], or per row
+        [num_tokens, vocab] with all_logits (prefill only). No row at all: (.., None, ..).
+        """
+        if decode and all_logits:
+            raise ValueError("all_logits is for prefill steps")
+        rows, refused = [], []
+        for w in work:
+            for t in w.new_token_ids:
+                if not 0 <= t < self.cfg.vocab_size:
+                    raise RequestError(f"token id {t} out of [0, {self.cfg.vocab_size})")
+            known = len(self._tokens[w.request_id]) + len(w.new_token_ids)
+            if known > self.cfg.max_seq_len:
+                raise RequestError(
+                    f"request {w.request_id!r} would exceed the model's maximum length "
+                    f"{self.cfg.max_seq_len}"
+                )
+            n = w.num_tokens
+            if not self.manager.is_running(w.request_id):  # tokens follow the hit, up to known
+                hit = self.manager.lookup(w.request_id)
+                n = min(n, self.manager.num_tokens(w.request_id) + len(w.new_token_ids) - hit)
+            result = self.manager.allocate(w.request_id, n, list(w.new_token_ids))
+            if not result:
+                refused.append((w, result.reason))
+                continue
+            self._tokens[w.request_id].extend(w.new_token_ids)
+            end = self.manager.num_computed_tokens(w.request_id)
+            rows.append(StepRow(w.request_id, end - n, n))
+        if not rows:
+            return rows, None, refused
+        table, enc, b = build_page_table(
+            self.manager,
+            self.layout,
+            rows,
+            self.buckets,
+            decode=decode,
+            max_seq_len=self.cfg.max_seq_len,
+        )
+        q = table.q_positions.shape[1]
+        token_ids = np.zeros((b, q), np.int32)
+        for i, r in enumerate(rows):
+            token_ids[i, : r.num_tokens] = self._tokens[r.request_id][
+                r.start : r.start + r.num_tokens
+            ]
+        image_embeds = None
+        if enc:  # rows that write some image K/V this step get all their images
+            cross = next(k for k, v in enumerate(self.layout.kinds) if v.type.value == "cross")
+            writes = (table.kinds[cross].slot_pages >= 0).any(axis=1)  # [B]
+            image_embeds = np.zeros((b, enc, self.cfg.vision_dim), self.cfg.dtype)
+            for i, r in enumerate(rows):
+                ims = self._images[r.request_id]
+                if writes[i]:
+                    flat = np.concatenate([np.asarray(im.embeds) for im in ims])
+                    image_embeds[i, : len(flat)] = flat
+        table, inputs = jax.device_put((table, StepInputs(token_ids, image_embeds)))
+        fn = (
+            self.steps.decode
+            if decode
+            else (self.steps.prefill_all if all_logits else self.steps.prefill)
+        )
+        logits, self.pool = fn(self.params, self.pool, table, inputs)
+        logits = np.asarray(logits)[: len(rows)]
+        if all_logits:
+            logits = [logits[i, : r.num_tokens] for i, r in enumerate(rows)]
+        return rows, logits, refused

@@ -1,0 +1,117 @@
+"""Jitted prefill and decode steps: ``(params, pool, page_table, inputs) -> (logits, pool)``.
+
+The pool is donated: XLA updates it in place and the caller must use the returned one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jax.experimental import checkify
+
+from jenga_jax.device.layer_cache import PagedCache
+from jenga_jax.device.page_table import PageTable, check_matches, device_checks
+from jenga_jax.device.pool import PoolLayout
+
+PREFILL_NAME = "jenga_prefill_step"
+DECODE_NAME = "jenga_decode_step"
+
+
+@struct.dataclass
+class StepInputs:
+    """token_ids int32 [B, Q] (padding: any id); image_embeds [B, E, vision_dim] for
+    rows that write their images' K/V this step (see the cross kinds' slots), else None."""
+
+    token_ids: jax.Array
+    image_embeds: jax.Array | None = None
+
+
+def _check_inputs(model, table: PageTable, inputs: StepInputs, layout: PoolLayout) -> None:
+    """Static checks at trace time: shapes that do not match raise before any write."""
+    check_matches(table, layout)
+    if inputs.token_ids.shape != table.q_positions.shape:
+        raise ValueError(
+            f"token_ids {inputs.token_ids.shape} must match the page table's q_positions "
+            f"{table.q_positions.shape}"
+        )
+    cfg = model.cfg
+    cross = [k for k, v in enumerate(layout.kinds) if v.type.value == "cross"]
+    emb = inputs.image_embeds
+    if emb is None:
+        return
+    if not cross:
+        raise ValueError(f"{cfg.name} has no cross-attention layers: image_embeds must be None")
+    want = (table.batch, table.kinds[cross[0]].slot_pages.shape[1], cfg.vision_dim)
+    if emb.ndim != 3 or emb.shape != want:
+        raise ValueError(
+            f"image_embeds must be [batch, encoder_tokens, vision_dim] = {list(want)} "
+            f"(vision_dim {cfg.vision_dim}), got {list(emb.shape)}"
+        )
+
+
+def _step(graphdef, params, pool, table, inputs, *, layout, all_logits):
+    model = nnx.merge(graphdef, params)
+    _check_inputs(model, table, inputs, layout)
+    cache = PagedCache(pool, table, inputs.image_embeds, layout)
+    cache, hidden = model(inputs.token_ids, table.q_positions, cache)  # [B, Q, d_model]
+    if not all_logits:  # each row's last real token
+        last = jnp.maximum(table.num_real_queries - 1, 0)
+        hidden = hidden[jnp.arange(hidden.shape[0]), last]  # [B, d_model]
+    return model.logits(hidden), cache.pool
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The jitted steps of one model over one pool layout.
+
+    prefill(params, pool, table, inputs) -> (logits [B, V] of each row's last token, pool)
+    prefill_all(...) -> (logits [B, Q, V] of every query token, pool)
+    decode(...) -> (logits [B, V], pool), Q = 1
+    With debug=True every page id of the table is first checked on the device
+    (checkify, a separate small jitted check): a bad id raises
+    ``checkify.JaxRuntimeError`` before the step runs, and the pool is left as it was.
+    """
+
+    prefill: Callable
+    prefill_all: Callable
+    decode: Callable
+    params: nnx.State
+    layout: PoolLayout
+
+
+def make_steps(model: nnx.Module, layout: PoolLayout, *, debug: bool = False) -> Steps:
+    graphdef, params = nnx.split(model)
+    checked_table = jax.jit(
+        checkify.checkify(lambda table: device_checks(table, layout), errors=checkify.user_checks)
+    )
+
+    def build(name: str, all_logits: bool):
+        def step(params, pool, table, inputs):
+            return _step(
+                graphdef, params, pool, table, inputs, layout=layout, all_logits=all_logits
+            )
+
+        step.__name__ = name
+        jitted = jax.jit(step, donate_argnums=(1,))
+        if not debug:
+            return jitted
+
+        def run(params, pool, table, inputs):
+            err, _ = checked_table(table)
+            err.throw()
+            return jitted(params, pool, table, inputs)
+
+        run.jitted = jitted
+        return run
+
+    return Steps(
+        prefill=build(PREFILL_NAME, False),
+        prefill_all=build(PREFILL_NAME + "_all", True),
+        decode=build(DECODE_NAME, False),
+        params=params,
+        layout=layout,
+    )

@@ -1,0 +1,14 @@
+"""Flax NNX hybrid decoders over the shared paged KV pool."""
+
+from models.config import DecoderConfig, MambaConfig, RopeConfig
+from models.decoder import HybridDecoder
+from models.families import FAMILIES, tiny_config
+
+__all__ = [
+    "FAMILIES",
+    "DecoderConfig",
+    "HybridDecoder",
+    "MambaConfig",
+    "RopeConfig",
+    "tiny_config",
+]

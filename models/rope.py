@@ -1,0 +1,52 @@
+"""Rotary position embeddings: default, linear and llama3 frequency scaling.
+
+Rotation in the Hugging Face convention: a head vector is split in two halves
+``[x1, x2]`` and rotated as ``[x1 cos - x2 sin, x2 cos + x1 sin]`` with one angle per
+frequency, ``angle = position * inv_freq``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import RopeConfig
+
+
+def inv_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """float64 [head_dim // 2]: the rotation frequency of each pair of dims."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    inv = 1.0 / rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if rope.scaling is None:
+        return inv
+    if rope.scaling == "linear":
+        return inv / rope.factor
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+    old = rope.original_max_position
+    low_wavelen = old / rope.low_freq_factor
+    high_wavelen = old / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+    smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, rope: RopeConfig):
+    """Rotate x [batch, seq, heads, head_dim] by positions int [batch, seq].
+
+    Computed in float32, returned in x.dtype. Padding positions (-1) give finite
+    values that nothing reads.
+    """
+    inv = jnp.asarray(inv_frequencies(rope, x.shape[-1]), jnp.float32)  # [D/2]
+    angle = positions.astype(jnp.float32)[..., None] * inv  # [B, S, D/2]
+    cos = jnp.cos(angle)[:, :, None, :]  # [B, S, 1, D/2]
+    sin = jnp.sin(angle)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
