@@ -355,7 +355,7 @@ def test_bad_inputs():
         lambda: mamba_forward_batch(params, x[None], conv[None], ssm[None], valid_lens=[5, 5]),
         lambda: mamba_forward_batch(params, x[None], conv[None], ssm[None], valid_lens=[9]),
         lambda: state_view(jnp.zeros((3, LARGE + 1)), layers_per_page=LPP, **DIMS),
-        lambda: state_view(jnp.zeros((3, LARGE), jnp.bfloat16), layers_per_page=LPP, **DIMS),
+        lambda: state_view(jnp.zeros((3, LARGE), jnp.int32), layers_per_page=LPP, **DIMS),
         lambda: state_view(jnp.zeros((LARGE,)), layers_per_page=LPP, **DIMS),
         lambda: state_view(jnp.zeros((3, LARGE)), layers_per_page=0, **DIMS),
         lambda: read_state(view, 12, 0, **DIMS),

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from paged_scenario import WINDOWED, dense_logits, run_scenario
 
 from jenga_jax.core.layer_kinds import AttentionType
 from models import FAMILIES
+from paged_scenario import WINDOWED, dense_logits, run_scenario
 
 RTOL = 1e-5  # float32: max |paged - dense| / max |dense|, per step
 

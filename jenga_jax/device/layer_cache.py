@@ -113,6 +113,7 @@ class PagedCache:
                 entry.slot_pages.reshape(-1),
                 entry.slot_offsets.reshape(-1),
                 layer=s.slot,
+                after=q,  # image K/V do not depend on earlier layers: order the write
             )
         out = paged_attention(
             q, view, entry.block_tables, entry.kv_lens, self.table.q_positions, layer=s.slot,
@@ -131,5 +132,5 @@ class PagedCache:
         y, conv, ssm = mamba.mamba_forward_batch(
             params, x, conv, ssm, valid_lens=self.table.num_real_queries
         )
-        view = mamba.write_state(view, entry.write_pages[:, s.part], s.slot, conv, ssm)
+        view = mamba.write_state(view, entry.write_pages[:, s.part], s.slot, conv, ssm, after=y)
         return self._with_pool(view), y

@@ -425,7 +425,7 @@ def read_state(view, page, layer: int, *, d_inner: int, d_state: int, d_conv: in
     return conv, ssm
 
 
-def write_state(view, page, layer: int, conv_state, ssm_state):
+def write_state(view, page, layer: int, conv_state, ssm_state, *, after=None):
     """Store one layer's state into its page; returns the new view.
 
     view [pages, layers_per_page, per_layer_elems]; page int or int array of shape P
@@ -433,6 +433,11 @@ def write_state(view, page, layer: int, conv_state, ssm_state):
     [*P, d_inner, d_state] (cast to view.dtype). Nothing is written where page is -1;
     concrete ids outside [-1, pages) or a real page repeated raise, traced out-of-range
     ids are dropped (never clipped onto a real page).
+
+    after: an array computed from the old state besides the new state (the layer's
+    output). The write is made to depend on it (through a dropped padding row), so
+    that XLA sees every read of the old view ordered before this in-place write;
+    otherwise XLA:CPU may copy the whole pool to keep a late reader correct.
     """
     _check_state_view(view)
     _check_layer(layer, view)
@@ -458,4 +463,12 @@ def write_state(view, page, layer: int, conv_state, ssm_state):
     flat = jnp.concatenate(
         [conv_state.reshape(*lead, -1), ssm_state.reshape(*lead, -1)], axis=-1
     ).astype(view.dtype)
-    return view.at[idx, layer].set(flat, mode="drop")
+    idx, flat = idx.reshape(-1), flat.reshape(-1, flat.shape[-1])  # [P], [P, per_layer]
+    # One dropped padding row: it keeps a single write a scatter (XLA rewrites a
+    # one-index scatter into a dynamic-update-slice, which XLA:CPU copies the pool
+    # for) and carries `after`.
+    pad = jnp.zeros((1, flat.shape[1]), flat.dtype)
+    if after is not None:
+        pad = pad + jnp.sum(jnp.asarray(after, _F32)).astype(flat.dtype)
+    idx = jnp.concatenate([idx, jnp.full((1,), view.shape[0], idx.dtype)])
+    return view.at[idx, layer].set(jnp.concatenate([flat, pad]), mode="drop")

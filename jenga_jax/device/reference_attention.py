@@ -132,7 +132,7 @@ def kind_view(pool, *, num_layers: int, kv_heads: int, tokens_per_page: int, hea
     return pool.reshape(num_pages, num_layers, 2, kv_heads, tokens_per_page, head_dim)
 
 
-def write_kv(view, k, v, slot_pages, slot_offsets, *, layer: int):
+def write_kv(view, k, v, slot_pages, slot_offsets, *, layer: int, after=None):
     """Scatter new K/V of one layer into the view; returns the new view.
 
     view [pages, layers, 2, kv_heads, tpp, head_dim]; k, v [num_tokens, kv_heads, head_dim]
@@ -140,6 +140,11 @@ def write_kv(view, k, v, slot_pages, slot_offsets, *, layer: int):
     ``view[slot_pages[t], layer, :, :, slot_offsets[t]]``. ``slot_pages[t] == -1`` marks
     padding: nothing is written for it. Out-of-range slots raise when the indices are
     concrete; under jit they are dropped, never clipped onto a real page.
+
+    after: an array the write must follow (K/V that do not depend on the previous
+    layers, e.g. image K/V, pass the layer's queries). It rides in a dropped padding
+    slot, so that XLA sees the earlier reads of the pool ordered before this in-place
+    write; otherwise XLA:CPU may copy the whole pool.
     """
     _check_view(view)
     _check_layer(layer, view)
@@ -169,6 +174,16 @@ def write_kv(view, k, v, slot_pages, slot_offsets, *, layer: int):
     ok = (pages >= 0) & (pages < num_pages) & (offsets >= 0) & (offsets < tpp)
     pages = jnp.where(ok, pages, num_pages)
     kv = jnp.stack([k, v], axis=1).astype(view.dtype)  # [num_tokens, 2, kv_heads, head_dim]
+    if kv.shape[0] == 1 or after is not None:
+        # A dropped padding slot. With one slot, XLA rewrites the scatter into a
+        # dynamic-update-slice, which XLA:CPU does not update in place (it copies the
+        # whole pool); the padding keeps it a scatter. It also carries `after`.
+        pad = jnp.zeros_like(kv[:1])
+        if after is not None:
+            pad = pad + jnp.sum(jnp.asarray(after, jnp.float32)).astype(kv.dtype)
+        pages = jnp.concatenate([pages, jnp.full((1,), num_pages, jnp.int32)])
+        offsets = jnp.concatenate([offsets, jnp.zeros((1,), jnp.int32)])
+        kv = jnp.concatenate([kv, pad])
     # Index arrays separated by slices: the token axis comes first in the indexed shape.
     return view.at[pages, layer, :, :, offsets, :].set(kv, mode="drop")
 

@@ -147,10 +147,18 @@ class ModelRunner:
         runs without it. logits: float32 numpy [len(rows), vocab], or per row
         [num_tokens, vocab] with all_logits (prefill only). No row at all: (.., None, ..).
         """
-        if decode and all_logits:
-            raise ValueError("all_logits is for prefill steps")
-        rows, refused = [], []
+        rows, refused = self.allocate(work)
+        if not rows:
+            return rows, None, refused
+        prepared = self.prepare(rows, decode=decode, all_logits=all_logits)
+        return rows, self.execute(prepared), refused
+
+    def allocate(self, work: Sequence[Work]) -> tuple[list[StepRow], list[tuple[Work, str]]]:
+        """Pages for every row that fits now; (rows, refused with reasons). All the work
+        is validated first, so a bad row raises before any row is allocated."""
         for w in work:
+            if w.request_id not in self._tokens:
+                raise RequestError(f"unknown request {w.request_id!r}")
             for t in w.new_token_ids:
                 if not 0 <= t < self.cfg.vocab_size:
                     raise RequestError(f"token id {t} out of [0, {self.cfg.vocab_size})")
@@ -160,6 +168,8 @@ class ModelRunner:
                     f"request {w.request_id!r} would exceed the model's maximum length "
                     f"{self.cfg.max_seq_len}"
                 )
+        rows, refused = [], []
+        for w in work:
             n = w.num_tokens
             if not self.manager.is_running(w.request_id):  # tokens follow the hit, up to known
                 hit = self.manager.lookup(w.request_id)
@@ -171,8 +181,12 @@ class ModelRunner:
             self._tokens[w.request_id].extend(w.new_token_ids)
             end = self.manager.num_computed_tokens(w.request_id)
             rows.append(StepRow(w.request_id, end - n, n))
-        if not rows:
-            return rows, None, refused
+        return rows, refused
+
+    def prepare(self, rows: Sequence[StepRow], *, decode: bool, all_logits: bool = False):
+        """The step function and its device inputs for allocated rows (nothing runs)."""
+        if decode and all_logits:
+            raise ValueError("all_logits is for prefill steps")
         table, enc, b = build_page_table(
             self.manager,
             self.layout,
@@ -193,18 +207,34 @@ class ModelRunner:
             writes = (table.kinds[cross].slot_pages >= 0).any(axis=1)  # [B]
             image_embeds = np.zeros((b, enc, self.cfg.vision_dim), self.cfg.dtype)
             for i, r in enumerate(rows):
-                ims = self._images[r.request_id]
                 if writes[i]:
-                    flat = np.concatenate([np.asarray(im.embeds) for im in ims])
+                    flat = np.concatenate(
+                        [np.asarray(im.embeds) for im in self._images[r.request_id]]
+                    )
                     image_embeds[i, : len(flat)] = flat
         table, inputs = jax.device_put((table, StepInputs(token_ids, image_embeds)))
-        fn = (
-            self.steps.decode
-            if decode
-            else (self.steps.prefill_all if all_logits else self.steps.prefill)
-        )
-        logits, self.pool = fn(self.params, self.pool, table, inputs)
+        if decode:
+            fn = self.steps.decode
+        else:
+            fn = self.steps.prefill_all if all_logits else self.steps.prefill
+        return PreparedStep(fn, table, inputs, tuple(rows), all_logits)
+
+    def execute(self, prepared: PreparedStep):
+        """Run a prepared step; keeps the updated pool. Returns the rows' logits (numpy)."""
+        logits, self.pool = prepared.fn(self.params, self.pool, prepared.table, prepared.inputs)
+        rows = prepared.rows
         logits = np.asarray(logits)[: len(rows)]
-        if all_logits:
-            logits = [logits[i, : r.num_tokens] for i, r in enumerate(rows)]
-        return rows, logits, refused
+        if prepared.all_logits:
+            return [logits[i, : r.num_tokens] for i, r in enumerate(rows)]
+        return logits
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedStep:
+    """A step ready to run: fn(params, pool, table, inputs) -> (logits, pool)."""
+
+    fn: object
+    table: object
+    inputs: StepInputs
+    rows: tuple[StepRow, ...]
+    all_logits: bool
