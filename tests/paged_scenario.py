@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -21,6 +20,7 @@ from jenga_jax.core.layer_kinds import AttentionType
 from jenga_jax.engine.buckets import Buckets
 from jenga_jax.engine.model_runner import Image, ModelRunner, Work
 from models import HybridDecoder, tiny_config
+from models.random_init import perturb
 
 A_PROMPT, A_CHUNKS = 100, (7, 13, 24, 56)  # 7 + 13 + 24 = 44: Jamba's checkpoint
 B_SHARED, B_OWN, B_CHUNKS = 50, 22, (9, 30)
@@ -32,13 +32,7 @@ WINDOWED = (AttentionType.SLIDING, AttentionType.CHUNKED)
 
 def random_model(family: str, seed: int = 0) -> HybridDecoder:
     """Tiny model with every parameter perturbed (gates, sinks, norms, biases non-zero)."""
-    model = HybridDecoder(tiny_config(family), rngs=nnx.Rngs(seed))
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    nnx.update(model, jax.tree.unflatten(treedef, leaves))
-    return model
+    return perturb(HybridDecoder(tiny_config(family), rngs=nnx.Rngs(seed)), seed=seed + 1)
 
 
 def _images(cfg, rng, hashes, sizes=(20, 9)):

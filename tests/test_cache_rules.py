@@ -100,6 +100,33 @@ def test_cross_attention_pages_are_keyed_by_image_and_shared():
     check_manager(m)
 
 
+def test_text_pages_after_cross_attention_depend_on_the_images():
+    """A text token's K/V depends on the images it attended to: other images, no hit."""
+    m = manager(lk.full(1, 4), lk.cross(1, 4))
+    run(m, "a", A[:10], images=[ImageInput("cat", 6, 0)])
+    m.add_request("same", A[:10], images=[ImageInput("cat", 6, 0)])
+    assert m.lookup("same") == 8
+    m.add_request("other", A[:10], images=[ImageInput("dog", 6, 0)])
+    assert m.lookup("other") == 0
+    m.add_request("none", A[:10])
+    assert m.lookup("none") == 0
+
+
+def test_the_first_step_writes_only_the_image_pages_it_took_new():
+    m = manager(lk.full(1, 4), lk.cross(1, 4))
+    cat, dog = ImageInput("cat", 6, 0), ImageInput("dog", 3, 0)
+    m.add_request("a", A[:5], images=[cat])
+    assert m.allocate("a", 5)
+    assert m.cross_pages_to_write("a", 1) == [True, True]
+    m.add_request("b", [7, 8, 9], images=[cat, dog])  # same step: cat is found
+    assert m.allocate("b", 3)
+    assert m.cross_pages_to_write("b", 1) == [False, False, True]
+    assert m.encoder_token_counts("b") == [6, 3]
+    assert m.allocate("a", 1, [1])  # a's step ran
+    assert m.cross_pages_to_write("a", 1) == [False, False]
+    check_manager(m)
+
+
 def test_eviction_is_aligned_longest_prefix_first():
     m = manager(lk.full(1, 4), num_large=4)
     run(m, "a", A[:13])  # pages of [0,4) [4,8) [8,12) cached, one access time
