@@ -89,7 +89,9 @@ class Outcome:
 
 
 class Scenario:
-    def __init__(self, family: str, *, slack: int, decode_steps: int, seed: int):
+    def __init__(
+        self, family: str, *, slack: int, decode_steps: int, seed: int, backend: str | None
+    ):
         cfg = tiny_config(family)
         self.runner = ModelRunner(
             random_model(family, seed),
@@ -98,6 +100,7 @@ class Scenario:
             checkpoint_interval=CHECKPOINT if cfg.mamba else None,
             pool_fill=float("nan"),
             shuffle_seed=seed,
+            attention_backend=backend,
         )
         rng = np.random.default_rng(seed)
         a = rng.integers(0, cfg.vocab_size, A_PROMPT).tolist()
@@ -210,9 +213,18 @@ class Scenario:
         return Outcome(self.runner, self.traces, self.released, self.reused, steps)
 
 
-def run_scenario(family: str, *, slack: int, decode_steps: int = 64, seed: int = 0) -> Outcome:
-    """The scenario in a pool of `min_pool(family) + slack` large pages."""
-    return Scenario(family, slack=slack, decode_steps=decode_steps, seed=seed).run()
+def run_scenario(
+    family: str,
+    *,
+    slack: int,
+    decode_steps: int = 64,
+    seed: int = 0,
+    backend: str | None = None,
+) -> Outcome:
+    """The scenario in a pool of `min_pool(family) + slack` large pages; `backend`: the
+    attention kernel (None: by platform)."""
+    scenario = Scenario(family, slack=slack, decode_steps=decode_steps, seed=seed, backend=backend)
+    return scenario.run()
 
 
 def dense_logits(family: str, trace: Trace, seed: int = 0) -> np.ndarray:

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from jenga_jax.core.layer_kinds import AttentionType
+from jenga_jax.engine.model_runner import ModelRunner, Work
 from models import FAMILIES
-from paged_scenario import WINDOWED, dense_logits, run_scenario
+from paged_scenario import WINDOWED, dense_logits, random_model, run_scenario
 
 RTOL = 1e-5  # float32: max |paged - dense| / max |dense|, per step
 
@@ -81,3 +82,62 @@ def test_pages_are_scattered(outcome):
     tables = out.traces["B"].a_pages.values()
     pages = max(([p for p in t if p is not None] for t in tables), key=len)
     assert len(pages) >= 4 and pages != list(range(pages[0], pages[0] + len(pages))), family
+
+
+@pytest.mark.parametrize(
+    "family,backend,steps",
+    [
+        ("gpt-oss", "triton-interpret", 16),  # sinks, a 128-token window
+        ("llama-vision", "triton-interpret", 16),  # cross attention, page_fill
+    ],
+)
+def test_kernels_in_the_model_match_dense(family, backend, steps):
+    """The same scenario with the Pallas kernels (interpret mode) inside the model."""
+    out = run_scenario(family, slack=2, decode_steps=steps, backend=backend)
+    for rid, t in out.traces.items():
+        d = dense_logits(family, t)
+        for pos, got in t.logits.items():
+            err = np.abs(got - d[pos]).max() / np.abs(d[pos]).max()
+            assert err <= RTOL, f"{family} {backend} {rid} position {pos}: {err:.2e}"
+        want = [int(np.argmax(d[p])) for p in range(t.prompt_len - 1, len(t.tokens) - 1)]
+        assert t.tokens[t.prompt_len :] == want
+
+
+def test_mosaic_kernel_in_the_model_matches_dense():
+    """TPU interpret mode is slow: a short run (two requests, a prefix hit, chunked
+    prefill, a mixed batch, 4 decode steps) of a sliding + soft-capped model."""
+    family = "gemma2"
+    runner = ModelRunner(
+        random_model(family), num_large_pages=64, attention_backend="mosaic-interpret",
+        shuffle_seed=3, pool_fill=float("nan"),
+    )  # fmt: skip
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, 41).tolist()
+    seqs = {"a": a, "b": a[:32] + rng.integers(0, 256, 6).tolist()}
+    for rid, toks in seqs.items():
+        runner.add_request(rid, toks, max_new_tokens=4)
+    got = {"a": {}, "b": {}}
+
+    def run(work, decode=False):
+        rows, logits, refused = runner.step(work, decode=decode, all_logits=not decode)
+        assert not refused
+        for row, lg in zip(rows, logits):
+            for j in range(row.num_tokens):
+                got[row.request_id][row.start + j] = lg[j] if not decode else lg
+        return rows
+
+    run([Work("a", 25)])
+    rows = run([Work("a", 16), Work("b", 38)])  # b starts after its hit on a's pages
+    assert rows[1].start > 0
+    for _ in range(4):
+        work = []
+        for rid, toks in seqs.items():
+            toks.append(int(np.argmax(got[rid][len(toks) - 1])))
+            work.append(Work(rid, 1, (toks[-1],)))
+        run(work, decode=True)
+    for rid, toks in seqs.items():
+        model = random_model(family)
+        dense = np.asarray(model.forward_dense(np.asarray([toks])))[0]
+        for pos, lg in got[rid].items():
+            err = np.abs(lg - dense[pos]).max() / np.abs(dense[pos]).max()
+            assert err <= RTOL, f"{rid} position {pos}: {err:.2e}"

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jenga_jax.device import mamba
 from jenga_jax.device.page_table import KindTable, PageTable, StateTable
 from jenga_jax.device.pool import PoolLayout
-from jenga_jax.device.reference_attention import dense_attention, paged_attention, write_kv
+from jenga_jax.device.reference_attention import dense_attention, write_kv
+from pallas_kernels import paged_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +65,24 @@ class PagedCache:
 
     pool [num_large_pages, large_page_elems]; table: the step's page table; layout
     (static): the pool's views and where each model layer lives; image_embeds
-    [B, E, vision_dim] or None (only on steps that write cross K/V).
+    [B, E, vision_dim] or None (only on steps that write cross K/V); backend (static):
+    the paged-attention kernel (None: by platform, see ``pallas_kernels.dispatch``; a
+    "-interpret" suffix runs a kernel in interpret mode).
     """
 
     pool: jax.Array
     table: PageTable
     image_embeds: jax.Array | None
     layout: PoolLayout = dataclasses.field(metadata=dict(static=True))
+    backend: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def _kernel(self) -> dict:
+        """Keyword arguments choosing the attention kernel: "triton-interpret" and
+        "mosaic-interpret" run a kernel in interpret mode (CPU tests)."""
+        name, _, mode = (self.backend or "").partition("-")
+        if mode not in ("", "interpret"):
+            raise ValueError(f"unknown attention backend {self.backend!r}")
+        return dict(backend=name or None, **({"interpret": True} if mode else {}))
 
     def _slot(self, layer):
         s = self.layout.layer_slots[layer]
@@ -96,6 +108,7 @@ class PagedCache:
         out = paged_attention(
             q, view, entry.block_tables, entry.kv_lens, self.table.q_positions, layer=s.slot,
             kind=kind, window=window, chunk=chunk, scale=scale, soft_cap=soft_cap, sinks=sinks,
+            **self._kernel(),
         )  # fmt: skip
         return self._with_pool(view), out
 
@@ -117,7 +130,7 @@ class PagedCache:
             )
         out = paged_attention(
             q, view, entry.block_tables, entry.kv_lens, self.table.q_positions, layer=s.slot,
-            kind="cross", scale=scale, page_fill=entry.page_fill,
+            kind="cross", scale=scale, page_fill=entry.page_fill, **self._kernel(),
         )  # fmt: skip
         return self._with_pool(view), out, entry.kv_lens > 0
 

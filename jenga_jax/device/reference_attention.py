@@ -233,37 +233,26 @@ def _attend(q, k, v, visible, *, scale, soft_cap, sinks):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
 
 
-def paged_attention(
+def check_paged_inputs(
     q,
     view,
     block_tables,
     kv_lens,
     q_positions,
     *,
-    layer: int,
-    kind: str,
-    window: int | None = None,
-    chunk: int | None = None,
-    scale: float,
-    soft_cap: float | None = None,
-    sinks=None,
+    layer,
+    kind,
+    window,
+    chunk,
+    scale,
+    soft_cap,
+    sinks,
     page_fill=None,
 ):
-    """Attention of queries over one layer's paged K/V.
+    """Validate :func:`paged_attention`'s arguments (every backend shares this).
 
-    q [batch, q_len, q_heads, head_dim]; view [pages, layers, 2, kv_heads, tpp, head_dim];
-    block_tables int [batch, max_pages] (entry i: page of tokens [i*tpp, (i+1)*tpp), -1 if
-    none); kv_lens int [batch] (keys 0..kv_len-1 are valid); q_positions int [batch, q_len]
-    (absolute positions, -1 = padding query). sinks: optional float [q_heads] sink logits.
-    page_fill: optional int [batch, max_pages], kind "cross" only: page i holds
-    page_fill[b, i] valid keys at its first offsets (several images, each starting on a
-    fresh page); key (i, o) is then valid iff o < page_fill[b, i] and i * tpp + o < kv_len.
-    Returns [batch, q_len, q_heads, head_dim] in q.dtype.
-
-    Only the pages of visible keys are read: a page outside every query's visible range
-    may be -1 or hold garbage (NaN). A visible key on a page that is -1 (or out of range)
-    is a caller bug and makes that query's output NaN; with concrete inputs, out-of-range
-    ids, lengths and positions raise ValueError instead.
+    Values are checked when concrete; under ``jit`` only shapes and dtypes. Returns
+    ``(q, block_tables, kv_lens, q_positions, sinks, page_fill)``, integer arrays int32.
     """
     _check_view(view)
     _check_layer(layer, view)
@@ -316,6 +305,49 @@ def paged_attention(
                 "a query at position i needs its own key: q_positions must be < kv_lens "
                 "(write the step's K/V before attention)"
             )
+
+    return q, block_tables, kv_lens, q_positions, sinks, page_fill
+
+
+def paged_attention(
+    q,
+    view,
+    block_tables,
+    kv_lens,
+    q_positions,
+    *,
+    layer: int,
+    kind: str,
+    window: int | None = None,
+    chunk: int | None = None,
+    scale: float,
+    soft_cap: float | None = None,
+    sinks=None,
+    page_fill=None,
+):
+    """Attention of queries over one layer's paged K/V.
+
+    q [batch, q_len, q_heads, head_dim]; view [pages, layers, 2, kv_heads, tpp, head_dim];
+    block_tables int [batch, max_pages] (entry i: page of tokens [i*tpp, (i+1)*tpp), -1 if
+    none); kv_lens int [batch] (keys 0..kv_len-1 are valid); q_positions int [batch, q_len]
+    (absolute positions, -1 = padding query). sinks: optional float [q_heads] sink logits.
+    page_fill: optional int [batch, max_pages], kind "cross" only: page i holds
+    page_fill[b, i] valid keys at its first offsets (several images, each starting on a
+    fresh page); key (i, o) is then valid iff o < page_fill[b, i] and i * tpp + o < kv_len.
+    Returns [batch, q_len, q_heads, head_dim] in q.dtype.
+
+    Only the pages of visible keys are read: a page outside every query's visible range
+    may be -1 or hold garbage (NaN). A visible key on a page that is -1 (or out of range)
+    is a caller bug and makes that query's output NaN; with concrete inputs, out-of-range
+    ids, lengths and positions raise ValueError instead.
+    """
+    q, block_tables, kv_lens, q_positions, sinks, page_fill = check_paged_inputs(
+        q, view, block_tables, kv_lens, q_positions, layer=layer, kind=kind, window=window,
+        chunk=chunk, scale=scale, soft_cap=soft_cap, sinks=sinks, page_fill=page_fill,
+    )  # fmt: skip
+    num_pages, _, _, kv_heads, tpp, head_dim = view.shape
+    batch, q_len, q_heads, _ = q.shape
+    max_pages = block_tables.shape[1]
 
     # Gather every page of the table (clamped ids; invalid ones are masked below).
     seq = max_pages * tpp

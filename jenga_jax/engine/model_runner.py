@@ -59,9 +59,12 @@ class ModelRunner:
         debug: bool = False,
         pool_fill: float = 0.0,
         shuffle_seed: int | None = None,
+        attention_backend: str | None = None,
     ):
         """`pool_fill`: initial pool value (NaN in tests: unwritten pages must never be
-        read); `shuffle_seed`: random page placement (tests)."""
+        read); `shuffle_seed`: random page placement (tests); `attention_backend`:
+        "reference", "triton" or "mosaic" (None: by platform, logged once), or
+        "triton-interpret" / "mosaic-interpret" to run a kernel in interpret mode."""
         cfg = model.cfg
         self.cfg = cfg
         layout = cfg.layout(cfg.dtype, checkpoint_interval)
@@ -76,7 +79,9 @@ class ModelRunner:
         state_dims = (cfg.d_inner, cfg.mamba.d_state, cfg.mamba.d_conv) if cfg.mamba else None
         self.layout = PoolLayout.from_plan(self.plan, num_large_pages, state_dims=state_dims)
         self.pool = self.layout.full(pool_fill)
-        self.steps = make_steps(model, self.layout, debug=debug)
+        self.steps = make_steps(
+            model, self.layout, debug=debug, attention_backend=attention_backend
+        )
         self.params = self.steps.params
         self.buckets = buckets or Buckets()
         self._tokens: dict[str, list[int]] = {}

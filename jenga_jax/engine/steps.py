@@ -53,10 +53,10 @@ def _check_inputs(model, table: PageTable, inputs: StepInputs, layout: PoolLayou
         )
 
 
-def _step(graphdef, params, pool, table, inputs, *, layout, all_logits):
+def _step(graphdef, params, pool, table, inputs, *, layout, all_logits, backend):
     model = nnx.merge(graphdef, params)
     _check_inputs(model, table, inputs, layout)
-    cache = PagedCache(pool, table, inputs.image_embeds, layout)
+    cache = PagedCache(pool, table, inputs.image_embeds, layout, backend)
     cache, hidden = model(inputs.token_ids, table.q_positions, cache)  # [B, Q, d_model]
     if not all_logits:  # each row's last real token
         last = jnp.maximum(table.num_real_queries - 1, 0)
@@ -83,7 +83,14 @@ class Steps:
     layout: PoolLayout
 
 
-def make_steps(model: nnx.Module, layout: PoolLayout, *, debug: bool = False) -> Steps:
+def make_steps(
+    model: nnx.Module,
+    layout: PoolLayout,
+    *,
+    debug: bool = False,
+    attention_backend: str | None = None,
+) -> Steps:
+    """attention_backend: "reference", "triton" or "mosaic" (None: by platform)."""
     graphdef, params = nnx.split(model)
     checked_table = jax.jit(
         checkify.checkify(lambda table: device_checks(table, layout), errors=checkify.user_checks)
@@ -92,8 +99,9 @@ def make_steps(model: nnx.Module, layout: PoolLayout, *, debug: bool = False) ->
     def build(name: str, all_logits: bool):
         def step(params, pool, table, inputs):
             return _step(
-                graphdef, params, pool, table, inputs, layout=layout, all_logits=all_logits
-            )
+                graphdef, params, pool, table, inputs,
+                layout=layout, all_logits=all_logits, backend=attention_backend,
+            )  # fmt: skip
 
         step.__name__ = name
         jitted = jax.jit(step, donate_argnums=(1,))
