@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import given, settings
 
-from jenga_jax.core import ALLOCATORS, ModelLayout, get_layout, make_plan
+from jenga_jax.core import ALLOCATORS, LayoutError, ModelLayout, get_layout, make_plan
 from jenga_jax.core import layer_kinds as lk
 
 
@@ -78,3 +79,23 @@ def test_every_plan_covers_each_layer_once_and_divides_the_large_page(parts, dat
                     dataclasses.replace(layers[i], checkpoint_interval=None)
                     for i in k.layer_indices
                 } == same
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(KINDS, st.integers(1, 12)), min_size=1, max_size=3),
+    st.sampled_from([8, 16]),
+)
+def test_tokens_per_page_multiple_is_honoured(parts, multiple):
+    """TPU kernels want page offsets in whole (8 or 16)-row tiles."""
+    layout = ModelLayout("random", tuple(kind for kind, n in parts for _ in range(n)))
+    plan = make_plan(layout, "jenga", 16, tokens_per_page_multiple=multiple)
+    assert all(k.tokens_per_page % multiple == 0 for k in plan.kinds if k.is_token_kind)
+    for k in plan.kinds:
+        assert plan.large_page_bytes % k.page_bytes == 0
+
+
+def test_tokens_per_page_multiple_must_divide_the_target():
+    layout = ModelLayout("t", (lk.full(1, 4),))
+    with pytest.raises(LayoutError, match="tokens_per_page_multiple"):
+        make_plan(layout, "jenga", 16, tokens_per_page_multiple=5)

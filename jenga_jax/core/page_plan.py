@@ -92,19 +92,28 @@ def make_plan(
     tokens_per_page: int = 16,
     *,
     fixed_tokens_per_page: bool = False,
+    tokens_per_page_multiple: int = 1,
 ) -> PagePlan:
     """The page plan of one allocator for a layout.
 
     For jenga, `tokens_per_page` is a target: each kind's tokens per page (within
     [target / 2, 8 x target]) and the layers one state page holds are chosen to keep
-    the LCM small (see `_jenga`), unless `fixed_tokens_per_page`.
+    the LCM small (see `_jenga`), unless `fixed_tokens_per_page`. Every kind's tokens
+    per page is then a multiple of `tokens_per_page_multiple` (TPU kernels want 8, or
+    16 for bfloat16 pages), which must divide the target.
     """
     if allocator not in ALLOCATORS:
         raise LayoutError(f"unknown allocator {allocator!r}; choose one of {ALLOCATORS}")
     if not isinstance(tokens_per_page, int) or tokens_per_page <= 0:
         raise LayoutError(f"tokens_per_page must be a positive int, got {tokens_per_page!r}")
+    m = tokens_per_page_multiple
+    if not isinstance(m, int) or m <= 0 or tokens_per_page % m:
+        raise LayoutError(
+            f"tokens_per_page_multiple must be a positive int dividing tokens_per_page "
+            f"({tokens_per_page}), got {m!r}"
+        )
     if allocator == "jenga":
-        plan = _jenga(layout, tokens_per_page, search=not fixed_tokens_per_page)
+        plan = _jenga(layout, tokens_per_page, search=not fixed_tokens_per_page, multiple=m)
     else:
         plan = {"paged": _paged, "uniform": _uniform}[allocator](layout, tokens_per_page)
     return plan
@@ -116,7 +125,7 @@ def _page(rule: LayerKind, num_layers: int, tpp: int) -> int:
     return tpp * rule.bytes_per_token * num_layers
 
 
-def _jenga(layout: ModelLayout, tpp: int, search: bool = True) -> PagePlan:
+def _jenga(layout: ModelLayout, tpp: int, search: bool = True, multiple: int = 1) -> PagePlan:
     """One page size per kind, chosen to keep the LCM small.
 
     A large LCM leaves free small pages of one kind inside large pages that another
@@ -137,9 +146,9 @@ def _jenga(layout: ModelLayout, tpp: int, search: bool = True) -> PagePlan:
     tokens = [g for g in groups if g.kind.type is not AttentionType.STATE]
     states = [g for g in groups if g.kind.type is AttentionType.STATE]
     most = _largest_page_tokens(states, tpp)
-    candidates = [_best_lcm_parts(tokens, states, tpp, search, most)]
+    candidates = [_best_lcm_parts(tokens, states, tpp, search, most, multiple)]
     if search:
-        candidates += list(_equal_page_parts(tokens, states, tpp, most))
+        candidates += list(_equal_page_parts(tokens, states, tpp, most, multiple))
     parts, _ = min(candidates, key=lambda c: (c[1], len(c[0])))
     order = {g.kind: i for i, g in enumerate(groups)}
     kinds = []
@@ -172,12 +181,13 @@ def _largest_page_tokens(states, tpp: int) -> int:
     return most
 
 
-def _best_lcm_parts(tokens, states, tpp: int, search: bool, most: int):
+def _best_lcm_parts(tokens, states, tpp: int, search: bool, most: int, multiple: int = 1):
     """The cheapest plan keeping each kind's layers together: (parts, estimated loss)."""
     tpp_options = [[tpp] for _ in tokens]
     if search and len(tokens) <= 3:
-        lo = _smallest_tpp(tokens, tpp)
-        tpp_options = [list(range(lo, min(most, 8 * tpp) + 1)) for _ in tokens]
+        lo = _smallest_tpp(tokens, tpp, multiple)
+        hi = min(most, 8 * tpp)
+        tpp_options = [[t for t in range(lo, hi + 1) if t % multiple == 0] for _ in tokens]
     state_options = [_divisors(g.num_layers) if search else [g.num_layers] for g in states]
     best, best_cost = None, None
     for state_layers in itertools.product(*state_options):
@@ -204,18 +214,20 @@ def _best_lcm_parts(tokens, states, tpp: int, search: bool, most: int):
     return parts, best_cost
 
 
-def _equal_page_parts(tokens, states, tpp: int, most: int):
+def _equal_page_parts(tokens, states, tpp: int, most: int, multiple: int = 1):
     """Plans whose pages all have one size, splitting kinds into layer groups."""
     units = {g.num_layers * tpp * g.kind.bytes_per_token for g in tokens}
     units |= {d * g.kind.state_bytes for g in states for d in _divisors(g.num_layers)}
     for unit in sorted(units):
         parts, cost, tpps = [], 0.0, []
         for g in tokens:
-            bpt, lo = g.kind.bytes_per_token, _smallest_tpp(tokens, tpp)
+            bpt, lo = g.kind.bytes_per_token, _smallest_tpp(tokens, tpp, multiple)
             sizes = [
                 n
                 for n in range(1, g.num_layers + 1)
-                if unit % (n * bpt) == 0 and lo <= unit // (n * bpt) <= min(most, 32 * tpp)
+                if unit % (n * bpt) == 0
+                and lo <= unit // (n * bpt) <= min(most, 32 * tpp)
+                and unit // (n * bpt) % multiple == 0
             ]
             split = _fewest_parts(g.num_layers, sizes)
             if split is None:
@@ -250,14 +262,14 @@ def _fewest_parts(total: int, sizes: list[int]) -> list[int] | None:
     return sorted(best[total], reverse=True) if best[total] is not None else None
 
 
-def _smallest_tpp(groups, tpp: int) -> int:
+def _smallest_tpp(groups, tpp: int, multiple: int = 1) -> int:
     """Pages are at least the target size; half pages where a window spans <= 16 pages.
 
     Small windows lose much to rounding at both ends; the other kinds of such a model
     may use half pages too, so that all pages can keep one size.
     """
     small = any(g.kind.type is AttentionType.SLIDING and g.kind.window <= 16 * tpp for g in groups)
-    return max(1, tpp // 2) if small else tpp
+    return max(multiple, tpp // 2) if small else tpp
 
 
 def _divisors(n: int) -> list[int]:

@@ -16,12 +16,14 @@ import numpy as np
 
 from jenga_jax.core.errors import RequestError
 from jenga_jax.core.kv_cache_manager import KVCacheManager
+from jenga_jax.core.layer_kinds import DTYPE_BYTES
 from jenga_jax.core.page_plan import make_plan
 from jenga_jax.core.request import ImageInput
 from jenga_jax.device.pool import PoolLayout
 from jenga_jax.engine.buckets import Buckets
 from jenga_jax.engine.page_table_builder import StepRow, build_page_table
 from jenga_jax.engine.steps import StepInputs, make_steps
+from pallas_kernels import choose_backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +62,24 @@ class ModelRunner:
         pool_fill: float = 0.0,
         shuffle_seed: int | None = None,
         attention_backend: str | None = None,
+        tokens_per_page_multiple: int | None = None,
     ):
         """`pool_fill`: initial pool value (NaN in tests: unwritten pages must never be
         read); `shuffle_seed`: random page placement (tests); `attention_backend`:
         "reference", "triton" or "mosaic" (None: by platform, logged once), or
-        "triton-interpret" / "mosaic-interpret" to run a kernel in interpret mode."""
+        "triton-interpret" / "mosaic-interpret" to run a kernel in interpret mode;
+        `tokens_per_page_multiple`: every kind's tokens per page is a multiple of it
+        (None: 8, or 16 for 2-byte pools, when the kernel is Mosaic; else 1)."""
         cfg = model.cfg
         self.cfg = cfg
         layout = cfg.layout(cfg.dtype, checkpoint_interval)
-        self.plan = make_plan(layout, "jenga", tokens_per_page)
+        if tokens_per_page_multiple is None:
+            tokens_per_page_multiple = 1
+            if choose_backend((attention_backend or "").partition("-")[0] or None)[0] == "mosaic":
+                tokens_per_page_multiple = 16 if DTYPE_BYTES[cfg.dtype] == 2 else 8
+        self.plan = make_plan(
+            layout, "jenga", tokens_per_page, tokens_per_page_multiple=tokens_per_page_multiple
+        )
         self.manager = KVCacheManager(
             layout,
             num_large_pages * self.plan.large_page_bytes,
