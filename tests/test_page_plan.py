@@ -76,7 +76,11 @@ def test_every_plan_covers_each_layer_once_and_divides_the_large_page(parts, dat
             if k.is_token_kind:
                 assert k.tokens_per_page % plan.block_size == 0
         if allocator == "jenga":
-            assert all(8 <= k.tokens_per_page <= 128 for k in plan.kinds if k.is_token_kind)
+            # Pages of 8 to 128 tokens (target 16: [target / 2, 8 x target]); a plan with
+            # equal pages may go to 32 x target when a state kind makes hits coarse anyway.
+            has_state = any(k.type is AttentionType.STATE for k in plan.kinds)
+            most = 32 * 16 if has_state else 128
+            assert all(8 <= k.tokens_per_page <= most for k in plan.kinds if k.is_token_kind)
             # With a state kind, hits come only at its checkpoints (never without them),
             # so the planner may use larger pages there.
             assert plan.hit_granularity <= 128 or any(
