@@ -24,14 +24,15 @@ from models.random_init import perturb
 
 
 def _prefill(runner, rid, chunk):
-    """Prefill a waiting request in chunks; returns the logits of its last prompt token."""
-    known, logits = runner.manager.num_tokens(rid), None
-    hit = runner.manager.lookup(rid)
-    done = hit
-    while done < known:
-        rows, out, refused = runner.step([Work(rid, min(chunk, known - done))])
+    """Prefill a waiting request in chunks; returns (its prefix-cache hit, the logits of
+    its last prompt token). The first chunk starts after the hit."""
+    known, hit, done, logits = runner.manager.num_tokens(rid), None, None, None
+    while done is None or done < known:
+        n = chunk if done is None else min(chunk, known - done)  # the first: after the hit
+        rows, out, refused = runner.step([Work(rid, n)])
         if refused:
             raise RuntimeError(f"the pool cannot hold {rid}: {refused[0][1]}")
+        hit = rows[0].start if hit is None else hit
         done = rows[0].start + rows[0].num_tokens
         logits = out[0]
     return hit, logits

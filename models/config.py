@@ -5,16 +5,17 @@ from __future__ import annotations
 import dataclasses
 
 from jenga_jax.core import layer_kinds
-from jenga_jax.core.layer_kinds import DTYPE_BYTES, AttentionType
+from jenga_jax.core.layer_kinds import (
+    CHUNKED,
+    CROSS,
+    DTYPE_BYTES,
+    FULL,
+    SLIDING,
+    STATE,
+    AttentionType,
+)
 from jenga_jax.core.layout import ModelLayout
 
-FULL, SLIDING, CHUNKED, CROSS, STATE = (
-    AttentionType.FULL,
-    AttentionType.SLIDING,
-    AttentionType.CHUNKED,
-    AttentionType.CROSS,
-    AttentionType.STATE,
-)
 ROPE_SCALINGS = (None, "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu_tanh")
 NORMS = ("rms", "gemma")  # gemma: scale by (1 + w)

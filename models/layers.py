@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jenga_jax.device.mamba import MambaParams
-from models.config import CROSS, DecoderConfig
+from models.config import CROSS, STATE, DecoderConfig
 from models.rope import apply_rope
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -183,7 +183,7 @@ class Block(nnx.Module):
             self.mixer = CrossAttention(cfg, layer, rngs=rngs)
             self.attn_gate = nnx.Param(jnp.zeros((), cfg.dtype))
             self.mlp_gate = nnx.Param(jnp.zeros((), cfg.dtype))
-        elif self.type.value == "state":
+        elif self.type is STATE:
             self.mixer = Mamba(cfg, layer, rngs=rngs)
         else:
             self.mixer = Attention(cfg, layer, rngs=rngs)
@@ -200,7 +200,7 @@ class Block(nnx.Module):
             cache, h, has_image = self.mixer(h, cache)
             keep = has_image[:, None, None].astype(x.dtype)  # [B, 1, 1]
             attn_gate, mlp_gate = jnp.tanh(self.attn_gate[...]), jnp.tanh(self.mlp_gate[...])
-        elif self.type.value == "state":
+        elif self.type is STATE:
             cache, h = self.mixer(h, cache)
             keep, attn_gate, mlp_gate = 1.0, 1.0, 1.0
         else:

@@ -10,6 +10,6 @@
 See docs/kernels.md.
 """
 
-from pallas_kernels.dispatch import BACKENDS, choose_backend, paged_attention
+from pallas_kernels.dispatch import BACKENDS, choose_backend, paged_attention, parse_backend
 
-__all__ = ["BACKENDS", "choose_backend", "paged_attention"]
+__all__ = ["BACKENDS", "choose_backend", "paged_attention", "parse_backend"]

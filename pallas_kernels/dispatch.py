@@ -36,6 +36,14 @@ _IMPLS = {
 _logged: set[tuple[str, str]] = set()
 
 
+def parse_backend(spec: str | None) -> tuple[str | None, bool]:
+    """ "triton", "mosaic-interpret", None, ... -> (backend or None, interpret)."""
+    name, _, mode = (spec or "").partition("-")
+    if mode not in ("", "interpret"):
+        raise ValueError(f"unknown attention backend {spec!r} (a backend, '-interpret' optional)")
+    return name or None, mode == "interpret"
+
+
 def choose_backend(backend: str | None = None) -> tuple[str, str]:
     """-> (backend, reason). Raises ValueError for an unknown name or platform."""
     if backend is not None:

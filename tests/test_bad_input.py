@@ -7,7 +7,6 @@ import copy
 import pytest
 
 from jenga_jax.core import (
-    AttentionType,
     ImageInput,
     KVCacheManager,
     LayerKind,
@@ -19,14 +18,8 @@ from jenga_jax.core import (
     make_plan,
 )
 from jenga_jax.core.invariants import check_manager
+from jenga_jax.core.layer_kinds import CHUNKED, CROSS, FULL, SLIDING, STATE
 
-FULL, SLIDING, CHUNKED, CROSS, STATE = (
-    AttentionType.FULL,
-    AttentionType.SLIDING,
-    AttentionType.CHUNKED,
-    AttentionType.CROSS,
-    AttentionType.STATE,
-)
 LLAMA = get_layout("llama-3.1-8b")
 LLAMA_LARGE = make_plan(LLAMA).large_page_bytes  # 16 tokens x 32 layers x 4096 B
 VISION = get_layout("llama-3.2-11b-vision")

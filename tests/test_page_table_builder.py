@@ -38,7 +38,7 @@ def test_token_and_cross_tables():
     cat, dog = ImageInput("cat", 6), ImageInput("dog", 3)
     m.add_request("a", list(range(10)), images=[cat, dog])
     assert m.allocate("a", 7)
-    table, enc, b = build_page_table(
+    table, enc, image_rows = build_page_table(
         m, layout, [StepRow("a", 0, 7)], Buckets(), decode=False, max_seq_len=64
     )
     full, cross = table.kinds
@@ -52,19 +52,48 @@ def test_token_and_cross_tables():
     # Images: cat on pages 0-1 (4 + 2 tokens), dog on page 2 (3 tokens); 9 tokens written.
     cpages = m.block_table("a", 1)
     np.testing.assert_array_equal(cross.page_fill[0, :3], [4, 2, 3])
-    assert cross.kv_lens[0] == 12 and enc == 16 and b == 1
+    assert cross.kv_lens[0] == 12 and enc == 16 and table.q_positions.shape[0] == 1
+    assert image_rows == (0,)
     want = [cpages[0]] * 4 + [cpages[1]] * 2 + [cpages[2]] * 3
     np.testing.assert_array_equal(cross.slot_pages[0, :9], want)
     np.testing.assert_array_equal(cross.slot_offsets[0, :9], [0, 1, 2, 3, 0, 1, 0, 1, 2])
     # A second request with the same cat (cached) and a new bird: only the bird is written.
     m.add_request("b", [7, 8], images=[cat, ImageInput("bird", 2)])
     assert m.allocate("b", 2)
-    table, enc, _ = build_page_table(
+    table, enc, image_rows = build_page_table(
         m, layout, [StepRow("b", 0, 2)], Buckets(), decode=False, max_seq_len=64
     )
+    assert image_rows == (0,)
     cross = table.kinds[1]
     bird = m.block_table("b", 1)[2]
     np.testing.assert_array_equal(cross.slot_pages[0, :8], [-1] * 6 + [bird] * 2)
+
+
+def test_an_image_cached_in_one_cross_kind_only_is_written_in_the_other():
+    """Each cross kind finds an image in its own cache: a row writes images if any kind
+    must, and only into that kind's pages."""
+    m, plan = _manager(
+        lk.full(1, 4, "float32"), lk.cross(1, 4, "float32"), lk.cross(2, 4, "float32")
+    )
+    layout = PoolLayout.from_plan(plan, 64)
+    first, second = layout.cross_kinds
+    cat = ImageInput("cat", 6)
+    m.add_request("a", [1, 2, 3], images=[cat])
+    assert m.allocate("a", 3)
+    cat_pages = m.block_table("a", second)
+    m.free("a")
+    m.alloc._evict(second, cat_pages[1])  # the second kind loses the image, the first keeps it
+    m.add_request("b", [4, 5], images=[cat])
+    assert m.allocate("b", 2)
+    table, enc, image_rows = build_page_table(
+        m, layout, [StepRow("b", 0, 2)], Buckets(), decode=False, max_seq_len=64
+    )
+    assert image_rows == (0,) and enc == 16
+    assert (table.kinds[first].slot_pages[0] == -1).all()  # cached: nothing to write
+    new = m.block_table("b", second)
+    np.testing.assert_array_equal(
+        table.kinds[second].slot_pages[0, :6], [new[0]] * 4 + [new[1]] * 2
+    )
 
 
 def test_state_tables_read_then_write():

@@ -19,14 +19,7 @@ from jenga_jax.core import (
     make_plan,
     model_names,
 )
-
-FULL, SLIDING, CHUNKED, CROSS, STATE = (
-    AttentionType.FULL,
-    AttentionType.SLIDING,
-    AttentionType.CHUNKED,
-    AttentionType.CROSS,
-    AttentionType.STATE,
-)
+from jenga_jax.core.layer_kinds import CHUNKED, CROSS, FULL, SLIDING, STATE
 
 # The reference facts, read directly (not through the registry under test).
 _DATA_FILE = pathlib.Path(core.__file__).with_name("data") / "model_configs.json"

@@ -26,19 +26,12 @@ from jenga_jax.core.allocator import TwoLevelAllocator
 from jenga_jax.core.block_hash import BlockHasher
 from jenga_jax.core.cache_stats import CacheStats
 from jenga_jax.core.errors import RequestError, RequestTooLargeError
-from jenga_jax.core.layer_kinds import AttentionType
+from jenga_jax.core.layer_kinds import CHUNKED, CROSS, FULL, SLIDING, STATE
 from jenga_jax.core.layout import ModelLayout
 from jenga_jax.core.page_plan import PagePlan, make_plan
 from jenga_jax.core.request import ImageInput
 from jenga_jax.core.request_state import RequestState
 
-FULL, SLIDING, CHUNKED, CROSS, STATE = (
-    AttentionType.FULL,
-    AttentionType.SLIDING,
-    AttentionType.CHUNKED,
-    AttentionType.CROSS,
-    AttentionType.STATE,
-)
 PLACEHOLDER = -1  # token id standing for an encoder token stored in the token stream
 
 
@@ -237,6 +230,12 @@ class KVCacheManager:
         """Known tokens of the request (prompt + generated), placeholders excluded."""
         req = self._get(request_id)
         return len(req.tokens) - req.offset
+
+    def token_ids(self, request_id: str, start: int = 0, end: int | None = None) -> list[int]:
+        """Known token ids [start, end) of the request (prompt, then generated tokens)."""
+        req = self._get(request_id)
+        stop = len(req.tokens) if end is None else req.offset + end
+        return req.tokens[req.offset + start : stop]
 
     def num_computed_tokens(self, request_id: str) -> int:
         """Tokens allocated so far: computed once the step of the last allocation ran."""

@@ -28,7 +28,8 @@ class AttentionType(enum.Enum):
     STATE = "state"  # one fixed-size state per request (Mamba, linear attention)
 
 
-TOKEN_TYPES = (AttentionType.FULL, AttentionType.SLIDING, AttentionType.CHUNKED)
+FULL, SLIDING, CHUNKED, CROSS, STATE = AttentionType  # short names, in declaration order
+TOKEN_TYPES = (FULL, SLIDING, CHUNKED)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ from jenga_jax.device import mamba
 from jenga_jax.device.page_table import KindTable, PageTable, StateTable
 from jenga_jax.device.pool import PoolLayout
 from jenga_jax.device.reference_attention import dense_attention, write_kv
-from pallas_kernels import paged_attention
+from pallas_kernels import paged_attention, parse_backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +79,22 @@ class PagedCache:
     def _kernel(self) -> dict:
         """Keyword arguments choosing the attention kernel: "triton-interpret" and
         "mosaic-interpret" run a kernel in interpret mode (CPU tests)."""
-        name, _, mode = (self.backend or "").partition("-")
-        if mode not in ("", "interpret"):
-            raise ValueError(f"unknown attention backend {self.backend!r}")
-        return dict(backend=name or None, **({"interpret": True} if mode else {}))
+        name, interpret = parse_backend(self.backend)
+        return dict(backend=name, **({"interpret": True} if interpret else {}))
+
+    def _write(self, view, slot: int, entry: KindTable, k, v, *, after=None):
+        """Scatter k, v [B, T, Hkv, D] into layer `slot` of a kind's view at the entry's
+        slots [B, T]; returns the new view."""
+        b, t = k.shape[:2]
+        return write_kv(
+            view,
+            k.reshape(b * t, *k.shape[2:]),
+            v.reshape(b * t, *v.shape[2:]),
+            entry.slot_pages.reshape(-1),
+            entry.slot_offsets.reshape(-1),
+            layer=slot,
+            after=after,
+        )
 
     def _slot(self, layer):
         s = self.layout.layer_slots[layer]
@@ -95,16 +107,7 @@ class PagedCache:
         """Write this step's k, v [B, Q, Hkv, D], then attend q [B, Q, H, D] over the pages."""
         s, kv, entry = self._slot(layer)
         assert isinstance(entry, KindTable) and kv.type.value == kind, (kind, kv.type)
-        b, nq = q.shape[:2]
-        view = self.layout.view(self.pool, s.kind)
-        view = write_kv(
-            view,
-            k.reshape(b * nq, *k.shape[2:]),
-            v.reshape(b * nq, *v.shape[2:]),
-            entry.slot_pages.reshape(-1),
-            entry.slot_offsets.reshape(-1),
-            layer=s.slot,
-        )
+        view = self._write(self.layout.view(self.pool, s.kind), s.slot, entry, k, v)
         out = paged_attention(
             q, view, entry.block_tables, entry.kv_lens, self.table.q_positions, layer=s.slot,
             kind=kind, window=window, chunk=chunk, scale=scale, soft_cap=soft_cap, sinks=sinks,
@@ -118,16 +121,8 @@ class PagedCache:
         view = self.layout.view(self.pool, s.kind)
         if self.image_embeds is not None:
             k, v = project(self.image_embeds)  # [B, E, Hkv, D]
-            b, e = k.shape[:2]
-            view = write_kv(
-                view,
-                k.reshape(b * e, *k.shape[2:]),
-                v.reshape(b * e, *v.shape[2:]),
-                entry.slot_pages.reshape(-1),
-                entry.slot_offsets.reshape(-1),
-                layer=s.slot,
-                after=q,  # image K/V do not depend on earlier layers: order the write
-            )
+            # Image K/V do not depend on the earlier layers: order the write after them.
+            view = self._write(view, s.slot, entry, k, v, after=q)
         out = paged_attention(
             q, view, entry.block_tables, entry.kv_lens, self.table.q_positions, layer=s.slot,
             kind="cross", scale=scale, page_fill=entry.page_fill, **self._kernel(),

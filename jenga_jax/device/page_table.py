@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.experimental import checkify
 
+from jenga_jax.core.layer_kinds import AttentionType
 from jenga_jax.device.pool import PoolLayout
 
 
@@ -50,10 +51,6 @@ class PageTable:
     @property
     def batch(self) -> int:
         return self.q_positions.shape[0]
-
-    @property
-    def num_queries(self) -> int:
-        return self.q_positions.shape[1]
 
     @property
     def num_real_queries(self) -> jax.Array:
@@ -88,9 +85,9 @@ def check_matches(table: PageTable, layout: PoolLayout) -> None:
         else:
             p = entry.block_tables.shape[-1]
             shapes = {"block_tables": (b, p), "kv_lens": (b,)}
-            if view.type.value != "cross":
+            if view.type is not AttentionType.CROSS:
                 shapes |= {"slot_pages": (b, q), "slot_offsets": (b, q)}
-            if (entry.page_fill is not None) != (view.type.value == "cross"):
+            if (entry.page_fill is not None) != (view.type is AttentionType.CROSS):
                 raise ValueError(f"page table kind {k}: page_fill is for cross kinds only")
         for name, shape in shapes.items():
             got = getattr(entry, name).shape

@@ -126,6 +126,11 @@ class PoolLayout:
         return cls(dtype, num_large_pages, large_elems, tuple(kinds), tuple(slots))
 
     @property
+    def cross_kinds(self) -> tuple[int, ...]:
+        """Indices of the cross-attention kinds."""
+        return tuple(k for k, v in enumerate(self.kinds) if v.type is AttentionType.CROSS)
+
+    @property
     def shape(self) -> tuple[int, int]:
         return (self.num_large_pages, self.large_page_elems)
 
@@ -133,12 +138,9 @@ class PoolLayout:
     def nbytes(self) -> int:
         return self.num_large_pages * self.large_page_elems * DTYPE_BYTES[self.dtype]
 
-    def zeros(self):
-        """A fresh pool (zeros)."""
-        return jnp.zeros(self.shape, self.dtype)
-
     def full(self, value: float):
-        """A pool filled with `value` (NaN poisons pages nothing wrote, in tests)."""
+        """A pool filled with `value` (0 for a fresh pool; NaN poisons pages nothing
+        wrote, in tests)."""
         return jnp.full(self.shape, value, self.dtype)
 
     def view(self, pool, kind: int):

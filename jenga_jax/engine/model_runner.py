@@ -23,7 +23,7 @@ from jenga_jax.device.pool import PoolLayout
 from jenga_jax.engine.buckets import Buckets
 from jenga_jax.engine.page_table_builder import StepRow, build_page_table
 from jenga_jax.engine.steps import StepInputs, make_steps
-from pallas_kernels import choose_backend
+from pallas_kernels import choose_backend, parse_backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ class ModelRunner:
         layout = cfg.layout(cfg.dtype, checkpoint_interval)
         if tokens_per_page_multiple is None:
             tokens_per_page_multiple = 1
-            if choose_backend((attention_backend or "").partition("-")[0] or None)[0] == "mosaic":
+            if choose_backend(parse_backend(attention_backend)[0])[0] == "mosaic":
                 tokens_per_page_multiple = 16 if DTYPE_BYTES[cfg.dtype] == 2 else 8
         self.plan = make_plan(
             layout, "jenga", tokens_per_page, tokens_per_page_multiple=tokens_per_page_multiple
@@ -95,8 +95,7 @@ class ModelRunner:
         )
         self.params = self.steps.params
         self.buckets = buckets or Buckets()
-        self._tokens: dict[str, list[int]] = {}
-        self._images: dict[str, list[Image]] = {}
+        self._images: dict[str, list[Image]] = {}  # per request (the tokens: the manager)
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -139,20 +138,16 @@ class ModelRunner:
             max_new_tokens=max_new_tokens,
             prefill_chunk=prefill_chunk,
         )
-        self._tokens[rid] = prompt
         self._images[rid] = images
         return rid
 
     def free(self, request_id: str) -> None:
         self.manager.free(request_id)
-        del self._tokens[request_id], self._images[request_id]
+        del self._images[request_id]
 
     def preempt(self, request_id: str) -> None:
         """Give back a running request's pages; its next step recomputes (cache hits help)."""
         self.manager.preempt(request_id)
-
-    def tokens(self, request_id: str) -> list[int]:
-        return list(self._tokens[request_id])
 
     # ------------------------------------------------------------------ steps
     def step(self, work: Sequence[Work], *, decode: bool = False, all_logits: bool = False):
@@ -173,12 +168,12 @@ class ModelRunner:
         """Pages for every row that fits now; (rows, refused with reasons). All the work
         is validated first, so a bad row raises before any row is allocated."""
         for w in work:
-            if w.request_id not in self._tokens:
+            if w.request_id not in self._images:
                 raise RequestError(f"unknown request {w.request_id!r}")
             for t in w.new_token_ids:
                 if not 0 <= t < self.cfg.vocab_size:
                     raise RequestError(f"token id {t} out of [0, {self.cfg.vocab_size})")
-            known = len(self._tokens[w.request_id]) + len(w.new_token_ids)
+            known = self.manager.num_tokens(w.request_id) + len(w.new_token_ids)
             if known > self.cfg.max_seq_len:
                 raise RequestError(
                     f"request {w.request_id!r} would exceed the model's maximum length "
@@ -194,7 +189,6 @@ class ModelRunner:
             if not result:
                 refused.append((w, result.reason))
                 continue
-            self._tokens[w.request_id].extend(w.new_token_ids)
             end = self.manager.num_computed_tokens(w.request_id)
             rows.append(StepRow(w.request_id, end - n, n))
         return rows, refused
@@ -203,7 +197,7 @@ class ModelRunner:
         """The step function and its device inputs for allocated rows (nothing runs)."""
         if decode and all_logits:
             raise ValueError("all_logits is for prefill steps")
-        table, enc, b = build_page_table(
+        table, enc, image_rows = build_page_table(
             self.manager,
             self.layout,
             rows,
@@ -211,23 +205,18 @@ class ModelRunner:
             decode=decode,
             max_seq_len=self.cfg.max_seq_len,
         )
-        q = table.q_positions.shape[1]
+        b, q = table.q_positions.shape
         token_ids = np.zeros((b, q), np.int32)
         for i, r in enumerate(rows):
-            token_ids[i, : r.num_tokens] = self._tokens[r.request_id][
-                r.start : r.start + r.num_tokens
-            ]
+            ids = self.manager.token_ids(r.request_id, r.start, r.start + r.num_tokens)
+            token_ids[i, : r.num_tokens] = ids
         image_embeds = None
-        if enc:  # rows that write some image K/V this step get all their images
-            cross = next(k for k, v in enumerate(self.layout.kinds) if v.type.value == "cross")
-            writes = (table.kinds[cross].slot_pages >= 0).any(axis=1)  # [B]
+        if image_rows:  # rows that write some image K/V this step get all their images
             image_embeds = np.zeros((b, enc, self.cfg.vision_dim), self.cfg.dtype)
-            for i, r in enumerate(rows):
-                if writes[i]:
-                    flat = np.concatenate(
-                        [np.asarray(im.embeds) for im in self._images[r.request_id]]
-                    )
-                    image_embeds[i, : len(flat)] = flat
+            for i in image_rows:
+                ims = self._images[rows[i].request_id]
+                flat = np.concatenate([np.asarray(im.embeds) for im in ims])
+                image_embeds[i, : len(flat)] = flat
         table, inputs = jax.device_put((table, StepInputs(token_ids, image_embeds)))
         if decode:
             fn = self.steps.decode

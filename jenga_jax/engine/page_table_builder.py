@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jenga_jax.core.kv_cache_manager import KVCacheManager
+from jenga_jax.core.layer_kinds import AttentionType
 from jenga_jax.device.page_table import KindTable, PageTable, StateTable
 from jenga_jax.device.pool import PoolLayout
 from jenga_jax.engine.buckets import Buckets
@@ -44,11 +45,12 @@ def build_page_table(
     *,
     decode: bool,
     max_seq_len: int,
-) -> tuple[PageTable, int, int]:
+) -> tuple[PageTable, int, tuple[int, ...]]:
     """numpy page table for `rows` (allocated in `manager` for this step), padded.
 
-    Returns (table, encoder_bucket, batch_bucket): encoder_bucket is the padded number
-    of encoder tokens written this step (0 when no row writes image K/V).
+    Returns (table, encoder_bucket, image_rows): encoder_bucket is the padded number
+    of encoder tokens written this step (0 when no row writes image K/V); image_rows
+    the rows that write some of their images' K/V (in any cross kind).
     """
     if not rows:
         raise ValueError("a step needs at least one row")
@@ -68,13 +70,14 @@ def build_page_table(
             )
         positions[i, : r.num_tokens] = np.arange(r.start, end)
 
-    # Encoder tokens written this step: rows whose cross pages are still unfilled.
-    cross_kinds = [k for k, v in enumerate(layout.kinds) if v.type.value == "cross"]
-    writes = {}
-    for i, r in enumerate(rows):
-        if cross_kinds and any(manager.cross_pages_to_write(r.request_id, cross_kinds[0])):
-            writes[i] = sum(manager.encoder_token_counts(r.request_id))
-    enc = buckets.num_encoder(max(writes.values())) if writes else 0
+    # Encoder tokens written this step: rows with unfilled pages in some cross kind (the
+    # kinds take an image's pages together, but each may have found it in the cache).
+    to_write = {
+        k: [manager.cross_pages_to_write(r.request_id, k) for r in rows] for k in layout.cross_kinds
+    }
+    image_rows = tuple(i for i in range(len(rows)) if any(any(w[i]) for w in to_write.values()))
+    counts = [manager.encoder_token_counts(rows[i].request_id) for i in image_rows]
+    enc = buckets.num_encoder(max(sum(c) for c in counts)) if image_rows else 0
 
     entries = []
     for k, view in enumerate(layout.kinds):
@@ -97,8 +100,8 @@ def build_page_table(
             ids = _ids(t)
             _check_ids(ids, view.num_pages, what)
             bt[i, : len(ids)] = ids
-        if view.type.value == "cross":
-            entries.append(_cross_table(manager, k, rows, bt, tpp, enc, writes))
+        if view.type is AttentionType.CROSS:
+            entries.append(_cross_table(manager, rows, bt, tpp, enc, to_write[k], image_rows))
             continue
         kv_lens = np.zeros(b, np.int32)
         slot_pages = np.full((b, q), -1, np.int32)
@@ -116,11 +119,12 @@ def build_page_table(
             if (slot_pages[i, : r.num_tokens] < 0).any():
                 raise ValueError(f"{what}: request {r.request_id!r} writes into a released page")
         entries.append(KindTable(bt, kv_lens, slot_pages, slot_offsets))
-    return PageTable(positions, tuple(entries)), enc, b
+    return PageTable(positions, tuple(entries)), enc, image_rows
 
 
-def _cross_table(manager, k, rows, bt, tpp, enc, writes) -> KindTable:
-    """Cross kind: images in order, each from a fresh page; slots for rows writing them."""
+def _cross_table(manager, rows, bt, tpp, enc, to_write, image_rows) -> KindTable:
+    """Cross kind: images in order, each from a fresh page; slots for the image rows'
+    pages still to write (to_write[i]: per page of row i)."""
     b, p = bt.shape
     fill = np.zeros((b, p), np.int32)
     kv_lens = np.zeros(b, np.int32)
@@ -128,12 +132,11 @@ def _cross_table(manager, k, rows, bt, tpp, enc, writes) -> KindTable:
     slot_offsets = np.zeros((b, enc), np.int32)
     for i, r in enumerate(rows):
         page, e = 0, 0
-        to_write = manager.cross_pages_to_write(r.request_id, k)
         for n in manager.encoder_token_counts(r.request_id):
             j = np.arange(n)
             fill[i, page + j // tpp] = np.minimum(tpp, n - (j // tpp) * tpp)
-            if i in writes:
-                own = np.array(to_write[page : page + -(-n // tpp)])[j // tpp]
+            if i in image_rows:
+                own = np.array(to_write[i][page : page + -(-n // tpp)])[j // tpp]
                 slot_pages[i, e : e + n] = np.where(own, bt[i, page + j // tpp], -1)
                 slot_offsets[i, e : e + n] = j % tpp
             page += -(-n // tpp)

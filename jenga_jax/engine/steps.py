@@ -39,7 +39,7 @@ def _check_inputs(model, table: PageTable, inputs: StepInputs, layout: PoolLayou
             f"{table.q_positions.shape}"
         )
     cfg = model.cfg
-    cross = [k for k, v in enumerate(layout.kinds) if v.type.value == "cross"]
+    cross = layout.cross_kinds
     emb = inputs.image_embeds
     if emb is None:
         return
