@@ -234,3 +234,24 @@ def dense_logits(family: str, trace: Trace, seed: int = 0) -> np.ndarray:
     if trace.images:
         kw = dict(image_embeds=np.concatenate([im.embeds for im in trace.images])[None])
     return np.asarray(model.forward_dense(np.asarray([trace.tokens]), **kw))[0]
+
+
+def main() -> None:
+    """python tests/paged_scenario.py: the scenario of every family, with the figures the
+    exactness test asserts on (max relative error per request, hits, window reuse)."""
+    from models import FAMILIES
+
+    print(f"{'family':<14}{'req':<4}{'max rel err':>12}{'tokens same':>12}  hits  released/reused")
+    for family in sorted(FAMILIES):
+        out = run_scenario(family, slack=2, decode_steps=64)
+        for rid, t in out.traces.items():
+            d = dense_logits(family, t)
+            err = max(np.abs(t.logits[p] - d[p]).max() / np.abs(d[p]).max() for p in t.logits)
+            want = [int(np.argmax(d[p])) for p in range(t.prompt_len - 1, len(t.tokens) - 1)]
+            same = t.tokens[t.prompt_len :] == want
+            reuse = f"{len(out.released_by_a)}/{len(out.reused)}" if rid == "A" else ""
+            print(f"{family:<14}{rid:<4}{err:>12.1e}{same!s:>12}  {t.hits}  {reuse}")
+
+
+if __name__ == "__main__":
+    main()
