@@ -1,3 +1,24 @@
-"""jenga-jax: Jenga's memory management for heterogeneous LLMs, in JAX."""
+"""jenga-jax: Jenga's memory management for heterogeneous LLMs, in JAX.
+
+The serving API is importable from here (``from jenga_jax import Engine``); it loads
+JAX on first use, so ``jenga_jax.core`` stays usable without it.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Engine": "jenga_jax.engine.llm_engine",
+    "Image": "jenga_jax.engine.model_runner",
+    "RequestOutput": "jenga_jax.engine.engine_request",
+    "SamplingParams": "jenga_jax.engine.sampling",
+    "SchedulerConfig": "jenga_jax.engine.scheduler",
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jenga_jax' has no attribute {name!r}")

@@ -1,5 +1,7 @@
 """A serving scenario through the paged path, recorded for comparison with dense forwards.
 
+It runs under any page plan: Jenga's (the default) or a baseline's ("paged", "uniform").
+
 Request A: a long prompt in chunked prefill of varied sizes, then greedy decode.
 Request B: arrives after A's prefill, shares A's prompt prefix (a prefix-cache hit),
 prefills its own tail in the same steps as A's decode (a mixed batch), then decodes.
@@ -11,7 +13,9 @@ Every logit of every position is kept, with the pages each request held.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -22,12 +26,20 @@ from jenga_jax.engine.model_runner import Image, ModelRunner, Work
 from models import HybridDecoder, tiny_config
 from models.random_init import perturb
 
-A_PROMPT, A_CHUNKS = 100, (7, 13, 24, 56)  # 7 + 13 + 24 = 44: Jamba's checkpoint
+A_PROMPT = 100
 B_SHARED, B_OWN, B_CHUNKS = 50, 22, (9, 30)
 C_PROMPT = 12
-C_ARRIVES = 30  # step at which C arrives in a model without windows
-CHECKPOINT = 44  # Jamba: 2 x its full-attention page (22 tokens)
+C_ARRIVES = 30  # step at which C arrives in a model without windows (64 decode steps)
+# Jamba's state checkpoint, within B's shared prefix: jenga 2 x its full-attention page
+# (22 tokens); paged 3 x its 16-token page; uniform 1 x its 32-token page.
+CHECKPOINT = {"jenga": 44, "paged": 48, "uniform": 32}
 WINDOWED = (AttentionType.SLIDING, AttentionType.CHUNKED)
+
+
+def a_chunks(allocator: str = "jenga") -> tuple[int, ...]:
+    """A's prefill chunks; the third ends at the checkpoint (jenga: 7, 13, 24, 56)."""
+    cp = CHECKPOINT[allocator]
+    return (7, 13, cp - 20, A_PROMPT - cp)
 
 
 def random_model(family: str, seed: int = 0) -> HybridDecoder:
@@ -44,10 +56,11 @@ def _images(cfg, rng, hashes, sizes=(20, 9)):
     ]
 
 
-def min_pool(family: str, decode_steps: int = 64) -> int:
+def min_pool(family: str, decode_steps: int = 64, allocator: str = "jenga") -> int:
     """Fewest large pages that hold request A alone at its largest moment."""
     cfg = tiny_config(family)
-    plan = make_plan(cfg.layout(cfg.dtype, CHECKPOINT if cfg.mamba else None))
+    checkpoint = CHECKPOINT[allocator] if cfg.mamba else None
+    plan = make_plan(cfg.layout(cfg.dtype, checkpoint), allocator)
     images = [ImageInput("x", 20), ImageInput("y", 9)] if cfg.vision_dim else []
     n = 1
     while True:
@@ -90,14 +103,23 @@ class Outcome:
 
 class Scenario:
     def __init__(
-        self, family: str, *, slack: int, decode_steps: int, seed: int, backend: str | None
+        self,
+        family: str,
+        *,
+        slack: int,
+        decode_steps: int,
+        seed: int,
+        backend: str | None,
+        allocator: str = "jenga",
+        buckets: Buckets | None = None,
     ):
         cfg = tiny_config(family)
         self.runner = ModelRunner(
             random_model(family, seed),
-            num_large_pages=min_pool(family, decode_steps) + slack,
-            buckets=Buckets(min_pages=16, min_queries=8),
-            checkpoint_interval=CHECKPOINT if cfg.mamba else None,
+            allocator=allocator,
+            num_large_pages=min_pool(family, decode_steps, allocator) + slack,
+            buckets=buckets or Buckets(min_pages=16, min_queries=8),
+            checkpoint_interval=CHECKPOINT[allocator] if cfg.mamba else None,
             pool_fill=float("nan"),
             shuffle_seed=seed,
             attention_backend=backend,
@@ -107,8 +129,10 @@ class Scenario:
         b = a[:B_SHARED] + rng.integers(0, cfg.vocab_size, B_OWN).tolist()
         c = rng.integers(0, cfg.vocab_size, C_PROMPT).tolist()
         images = _images(cfg, rng, ("img-1", "img-2"))
+        self.a_chunks = a_chunks(allocator)
+        self.c_arrives = min(C_ARRIVES, decode_steps // 2)
         self.traces = {
-            "A": Trace(a, len(a), decode_steps, list(A_CHUNKS), images),
+            "A": Trace(a, len(a), decode_steps, list(self.a_chunks), images),
             "B": Trace(b, len(b), decode_steps // 2, None, images),
             "C": Trace(c, len(c), decode_steps // 4, None, _images(cfg, rng, ("img-3",), (5,))),
         }
@@ -200,9 +224,9 @@ class Scenario:
         while self.active:
             self.step()
             steps += 1
-            if steps == len(A_CHUNKS):  # A's prompt is in: B arrives
+            if steps == len(self.a_chunks):  # A's prompt is in: B arrives
                 self.admit("B")
-            c_due = self.released if self.windowed else steps >= C_ARRIVES
+            c_due = self.released if self.windowed else steps >= self.c_arrives
             if c_due and "C" not in self.runner.manager and not self.traces["C"].logits:
                 self.admit("C")
             for rid in list(self.active):
@@ -220,30 +244,60 @@ def run_scenario(
     decode_steps: int = 64,
     seed: int = 0,
     backend: str | None = None,
+    allocator: str = "jenga",
+    buckets: Buckets | None = None,
 ) -> Outcome:
-    """The scenario in a pool of `min_pool(family) + slack` large pages; `backend`: the
-    attention kernel (None: by platform)."""
-    scenario = Scenario(family, slack=slack, decode_steps=decode_steps, seed=seed, backend=backend)
+    """The scenario in a pool of `min_pool(family) + slack` large pages of the
+    `allocator`'s plan; `backend`: the attention kernel (None: by platform); `buckets`
+    (None: powers of two, from 16 pages and 8 queries)."""
+    scenario = Scenario(
+        family, slack=slack, decode_steps=decode_steps, seed=seed, backend=backend,
+        allocator=allocator, buckets=buckets,
+    )  # fmt: skip
     return scenario.run()
 
 
+@functools.cache
+def _dense_forward(family: str, seed: int):
+    """The jitted dense forward of the family's random model: (tokens [1, T], images
+    [1, E, vision_dim] or None, image_lens [1]) -> logits [1, T, V]."""
+    graphdef, state = nnx.split(random_model(family, seed))
+
+    def forward(state, tokens, images, image_lens):
+        model = nnx.merge(graphdef, state)
+        return model.forward_dense(tokens, image_embeds=images, image_lens=image_lens)
+
+    return functools.partial(jax.jit(forward), state)
+
+
 def dense_logits(family: str, trace: Trace, seed: int = 0) -> np.ndarray:
-    """Logits [T, V] of the dense no-cache forward over the request's whole sequence."""
-    model = random_model(family, seed)
-    kw = {}
-    if trace.images:
-        kw = dict(image_embeds=np.concatenate([im.embeds for im in trace.images])[None])
-    return np.asarray(model.forward_dense(np.asarray([trace.tokens]), **kw))[0]
+    """Logits [T, V] of the dense no-cache forward over the request's whole sequence.
+
+    Tokens and images are padded (to multiples of 64 and 32: one compile per family);
+    the padding comes after the real tokens, which are causal, and past the images'
+    lengths, so it changes no logit of the sequence."""
+    n = len(trace.tokens)
+    tokens = np.zeros((1, -(-n // 64) * 64), np.int32)
+    tokens[0, :n] = trace.tokens
+    images = lens = None
+    cfg = tiny_config(family)
+    if cfg.vision_dim is not None:
+        flat = np.concatenate([im.embeds for im in trace.images] or [np.zeros((0, cfg.vision_dim))])
+        images = np.zeros((1, max(32, -(-len(flat) // 32) * 32), cfg.vision_dim), np.float32)
+        images[0, : len(flat)] = flat
+        lens = np.array([len(flat)], np.int32)
+    return np.asarray(_dense_forward(family, seed)(tokens, images, lens))[0, :n]
 
 
-def main() -> None:
-    """python tests/paged_scenario.py: the scenario of every family, with the figures the
-    exactness test asserts on (max relative error per request, hits, window reuse)."""
+def main(allocator: str = "jenga") -> None:
+    """python tests/paged_scenario.py [jenga|paged|uniform]: the scenario of every family,
+    with the figures the exactness tests assert on (max relative error per request, hits,
+    window reuse)."""
     from models import FAMILIES
 
     print(f"{'family':<14}{'req':<4}{'max rel err':>12}{'tokens same':>12}  hits  released/reused")
     for family in sorted(FAMILIES):
-        out = run_scenario(family, slack=2, decode_steps=64)
+        out = run_scenario(family, slack=2, decode_steps=64, allocator=allocator)
         for rid, t in out.traces.items():
             d = dense_logits(family, t)
             err = max(np.abs(t.logits[p] - d[p]).max() / np.abs(d[p]).max() for p in t.logits)
@@ -254,4 +308,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(*sys.argv[1:2])

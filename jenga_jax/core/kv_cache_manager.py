@@ -245,6 +245,18 @@ class KVCacheManager:
     def is_running(self, request_id: str) -> bool:
         return self._get(request_id).running
 
+    def append_tokens(self, request_id: str, token_ids: Sequence[int]) -> None:
+        """Append known tokens to a waiting request (a preempted one's last sampled
+        token), so that `lookup` sees them. Running requests append through `allocate`."""
+        req = self._get(request_id)
+        if req.running:
+            raise RequestError(f"request {request_id!r} is running; pass its tokens to allocate")
+        for t in token_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise RequestError(f"token ids must be ints >= 0, got {t!r}")
+        req.tokens.extend(token_ids)
+        req.hasher.update(req.tokens)
+
     # ------------------------------------------------------------------ lookup
     def lookup(self, request_id: str) -> int:
         """Prompt tokens a first allocation would take from the cache now."""

@@ -9,15 +9,16 @@ no-cache oracle over a whole sequence. The models are the same code over both.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from jenga_jax.device import mamba
+from jenga_jax.device import mamba, reference_attention
 from jenga_jax.device.page_table import KindTable, PageTable, StateTable
 from jenga_jax.device.pool import PoolLayout
 from jenga_jax.device.reference_attention import dense_attention, write_kv
-from pallas_kernels import paged_attention, parse_backend
+from pallas_kernels import choose_backend, paged_attention, parse_backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,19 +83,32 @@ class PagedCache:
         name, interpret = parse_backend(self.backend)
         return dict(backend=name, **({"interpret": True} if interpret else {}))
 
-    def _write(self, view, slot: int, entry: KindTable, k, v, *, after=None):
-        """Scatter k, v [B, T, Hkv, D] into layer `slot` of a kind's view at the entry's
-        slots [B, T]; returns the new view."""
+    def _write(self, view, slot: int, pages, offsets, k, v, *, after=None):
+        """Scatter k, v [B, T, Hkv, D] into layer `slot` of a kind's view at the slots
+        pages, offsets [B, T]; returns the new view."""
         b, t = k.shape[:2]
         return write_kv(
             view,
             k.reshape(b * t, *k.shape[2:]),
             v.reshape(b * t, *v.shape[2:]),
-            entry.slot_pages.reshape(-1),
-            entry.slot_offsets.reshape(-1),
+            pages.reshape(-1),
+            offsets.reshape(-1),
             layer=slot,
             after=after,
         )
+
+    def _attention(self, key_offsets=None):
+        """The attention function, its backend bound. Only the pure-JAX reference takes
+        key offsets (images inline in the stream: the paged plan)."""
+        if key_offsets is None:
+            return functools.partial(paged_attention, **self._kernel())
+        name = choose_backend(parse_backend(self.backend)[0])[0]
+        if name != "reference":
+            raise ValueError(
+                f"the {name} kernel cannot attend over a token stream with images inline "
+                "(the paged plan on a model with cross attention): use the reference backend"
+            )
+        return functools.partial(reference_attention.paged_attention, key_offsets=key_offsets)
 
     def _slot(self, layer):
         s = self.layout.layer_slots[layer]
@@ -104,30 +118,41 @@ class PagedCache:
         return dataclasses.replace(self, pool=self.layout.unview(view))
 
     def attend(self, layer, q, k, v, *, kind, window, chunk, scale, soft_cap, sinks):
-        """Write this step's k, v [B, Q, Hkv, D], then attend q [B, Q, H, D] over the pages."""
+        """Write this step's k, v [B, Q, Hkv, D], then attend q [B, Q, H, D] over the pages.
+
+        A layer of a mixed kind (paged plan) applies its own kind's mask over every token;
+        with images inline, its keys start after them (key_offsets)."""
         s, kv, entry = self._slot(layer)
-        assert isinstance(entry, KindTable) and kv.type.value == kind, (kind, kv.type)
-        view = self._write(self.layout.view(self.pool, s.kind), s.slot, entry, k, v)
-        out = paged_attention(
+        assert isinstance(entry, KindTable) and (kv.mixed or kv.type.value == kind), (kind, kv)
+        view = self.layout.view(self.pool, s.kind)
+        view = self._write(view, s.slot, entry.slot_pages, entry.slot_offsets, k, v)
+        out = self._attention(entry.key_offsets)(
             q, view, entry.block_tables, entry.kv_lens, self.table.q_positions, layer=s.slot,
             kind=kind, window=window, chunk=chunk, scale=scale, soft_cap=soft_cap, sinks=sinks,
-            **self._kernel(),
         )  # fmt: skip
         return self._with_pool(view), out
 
     def cross_attend(self, layer, q, project, *, scale):
-        """Write the encoder K/V of rows that need it (image_embeds given), then attend."""
+        """Write the encoder K/V of rows that need it (image_embeds given), then attend.
+
+        Images inline (paged plan): the images are the first key_offsets slots of the
+        layer's token stream, written at the image slots."""
         s, kv, entry = self._slot(layer)
         view = self.layout.view(self.pool, s.kind)
+        inline = kv.inline_images
         if self.image_embeds is not None:
             k, v = project(self.image_embeds)  # [B, E, Hkv, D]
+            pages, offsets = entry.slot_pages, entry.slot_offsets
+            if inline:
+                pages, offsets = entry.image_slot_pages, entry.image_slot_offsets
             # Image K/V do not depend on the earlier layers: order the write after them.
-            view = self._write(view, s.slot, entry, k, v, after=q)
+            view = self._write(view, s.slot, pages, offsets, k, v, after=q)
+        kv_lens = entry.key_offsets if inline else entry.kv_lens  # [B] image keys
         out = paged_attention(
-            q, view, entry.block_tables, entry.kv_lens, self.table.q_positions, layer=s.slot,
+            q, view, entry.block_tables, kv_lens, self.table.q_positions, layer=s.slot,
             kind="cross", scale=scale, page_fill=entry.page_fill, **self._kernel(),
         )  # fmt: skip
-        return self._with_pool(view), out, entry.kv_lens > 0
+        return self._with_pool(view), out, kv_lens > 0
 
     def mamba(self, layer, params, x):
         """Read the state pages, run the step's tokens x [B, Q, d_model], write the state."""
@@ -136,9 +161,11 @@ class PagedCache:
         d_inner, d_state, d_conv = kv.state_dims
         dims = dict(d_inner=d_inner, d_state=d_state, d_conv=d_conv)
         view = self.layout.view(self.pool, s.kind)
-        conv, ssm = mamba.read_state(view, entry.read_pages[:, s.part], s.slot, **dims)
+        flat = kv.padded  # padded pages (paged, uniform plans): a flat view
+        conv, ssm = mamba.read_state(view, entry.read_pages[:, s.part], s.slot, **dims, flat=flat)
         y, conv, ssm = mamba.mamba_forward_batch(
             params, x, conv, ssm, valid_lens=self.table.num_real_queries
         )
-        view = mamba.write_state(view, entry.write_pages[:, s.part], s.slot, conv, ssm, after=y)
+        write = entry.write_pages[:, s.part]
+        view = mamba.write_state(view, write, s.slot, conv, ssm, after=y, flat=flat)
         return self._with_pool(view), y

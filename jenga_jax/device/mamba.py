@@ -25,6 +25,10 @@ both row-major. Small page ``p`` is at flat offset ``p * page_elems`` of the flo
 pool ``[num_large_pages, large_page_elems]``, the same convention as
 :func:`jenga_jax.device.reference_attention.kind_view`. Page ``-1`` means "no page":
 :func:`read_state` reads a zero state and :func:`write_state` writes nothing.
+
+A padded page (the paged and uniform baselines round state pages up to their page
+size) is viewed flat, ``view[page, :]``, layer ``l`` at elements ``[l * per_layer,
+(l + 1) * per_layer)``; the tail is never read or written.
 """
 
 from __future__ import annotations
@@ -340,39 +344,54 @@ def state_page_elems(*, layers_per_page: int, d_inner: int, d_state: int, d_conv
     return layers_per_page * state_layer_elems(d_inner=d_inner, d_state=d_state, d_conv=d_conv)
 
 
-def state_view(pool_f32, *, layers_per_page: int, d_inner: int, d_state: int, d_conv: int):
+def state_view(
+    pool_f32,
+    *,
+    layers_per_page: int,
+    d_inner: int,
+    d_state: int,
+    d_conv: int,
+    page_elems: int | None = None,
+):
     """Zero-copy view of the pool for a state kind.
 
     States are stored in the pool's dtype (float32 keeps them exact; a bfloat16 pool
     rounds them on every write, as vLLM's default mamba cache dtype does) and computed
     in float32. pool_f32 [num_large_pages, large_page_elems] (any float dtype)
     -> [num_pages, layers_per_page, per_layer_elems] (see :func:`state_page_elems`).
+    page_elems: the page size when pages are padded beyond their states; the view is
+    then flat, [num_pages, page_elems] (see the module docstring).
     """
     if pool_f32.ndim != 2:
         raise ValueError(f"pool must be [num_large_pages, large_page_elems], got {pool_f32.shape}")
     if not jnp.issubdtype(pool_f32.dtype, jnp.floating):
         raise ValueError(f"the pool must be a float array, got {pool_f32.dtype}")
     per_layer = state_layer_elems(d_inner=d_inner, d_state=d_state, d_conv=d_conv)
-    page_elems = state_page_elems(
+    used = state_page_elems(
         layers_per_page=layers_per_page, d_inner=d_inner, d_state=d_state, d_conv=d_conv
     )
+    page = used if page_elems is None else page_elems
+    if page < used:
+        raise ValueError(
+            f"a page of {page} elements cannot hold {layers_per_page} states of {per_layer}"
+        )
     num_large, large_elems = pool_f32.shape
-    if large_elems % page_elems:
+    if large_elems % page:
         raise ValueError(
             f"a large page ({large_elems} elements) is not a whole number of state pages "
-            f"({page_elems} elements = {layers_per_page} layers x ({d_conv - 1} x {d_inner} "
-            f"conv + {d_inner} x {d_state} ssm))"
+            f"({page} elements; {layers_per_page} layers x ({d_conv - 1} x {d_inner} "
+            f"conv + {d_inner} x {d_state} ssm) = {used})"
         )
-    num_pages = num_large * (large_elems // page_elems)
+    num_pages = num_large * (large_elems // page)
+    if page > used:  # padded: flat pages
+        return pool_f32.reshape(num_pages, page)
     return pool_f32.reshape(num_pages, layers_per_page, per_layer)
 
 
-def _check_state_view(view) -> None:
-    if view.ndim != 3:
-        raise ValueError(
-            f"view must be [pages, layers_per_page, per_layer_elems] (see state_view), "
-            f"got shape {view.shape}"
-        )
+def _check_state_view(view, flat: bool) -> None:
+    if view.ndim != (2 if flat else 3):
+        want = "[pages, page_elems]" if flat else "[pages, layers_per_page, per_layer_elems]"
+        raise ValueError(f"view must be {want} (see state_view), got shape {view.shape}")
 
 
 def _page_index(page, view, *, unique: bool) -> jax.Array:
@@ -394,41 +413,50 @@ def _page_index(page, view, *, unique: bool) -> jax.Array:
     return jnp.where((page >= 0) & (page < num_pages), page, num_pages)
 
 
-def _check_layer(layer, view) -> None:
+def _layer_index(view, layer, per_layer: int, flat: bool):
+    """Where layer `layer`'s state lies in a page: an index of a 3-D view, or the
+    elements [layer * per_layer, (layer + 1) * per_layer) of a flat (padded) page."""
+    _check_state_view(view, flat)
+    layers = view.shape[1] // per_layer if flat else view.shape[1]
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-        raise ValueError(f"layer must be an int in [0, {view.shape[1]}), got {layer!r}")
-    if not 0 <= layer < view.shape[1]:
-        raise ValueError(f"layer must be an int in [0, {view.shape[1]}), got {layer!r}")
+        raise ValueError(f"layer must be an int in [0, {layers}), got {layer!r}")
+    if not 0 <= layer < layers:
+        raise ValueError(f"layer must be an int in [0, {layers}), got {layer!r}")
+    if flat:
+        return slice(layer * per_layer, (layer + 1) * per_layer)
+    if view.shape[2] != per_layer:
+        raise ValueError(
+            f"view holds {view.shape[2]} elements per layer, but the state has {per_layer}"
+        )
+    return layer
 
 
-def read_state(view, page, layer: int, *, d_inner: int, d_state: int, d_conv: int):
+def read_state(
+    view, page, layer: int, *, d_inner: int, d_state: int, d_conv: int, flat: bool = False
+):
     """One layer's state from its page.
 
-    view [pages, layers_per_page, per_layer_elems]; page int or int array of any shape
+    view [pages, layers_per_page, per_layer_elems], or [pages, page_elems] with
+    flat=True (padded pages, see :func:`state_view`); page int or int array of any shape
     P (may be traced; -1 = no page). Returns (conv_state [*P, d_conv - 1, d_inner],
     ssm_state [*P, d_inner, d_state]), float32; zeros where page is -1. Concrete ids
     outside [-1, pages) raise; traced ones read zeros.
     """
-    _check_state_view(view)
-    _check_layer(layer, view)
     per_layer = state_layer_elems(d_inner=d_inner, d_state=d_state, d_conv=d_conv)
-    if view.shape[2] != per_layer:
-        raise ValueError(
-            f"view holds {view.shape[2]} elements per layer, but d_inner={d_inner}, "
-            f"d_state={d_state}, d_conv={d_conv} need {per_layer}"
-        )
+    where = _layer_index(view, layer, per_layer, flat)
     idx = _page_index(page, view, unique=False)
-    flat = view.at[idx, layer].get(mode="fill", fill_value=0).astype(_F32)  # [*P, per_layer]
+    state = view.at[idx, where].get(mode="fill", fill_value=0).astype(_F32)  # [*P, per_layer]
     split = (d_conv - 1) * d_inner
-    conv = flat[..., :split].reshape(*idx.shape, d_conv - 1, d_inner)
-    ssm = flat[..., split:].reshape(*idx.shape, d_inner, d_state)
+    conv = state[..., :split].reshape(*idx.shape, d_conv - 1, d_inner)
+    ssm = state[..., split:].reshape(*idx.shape, d_inner, d_state)
     return conv, ssm
 
 
-def write_state(view, page, layer: int, conv_state, ssm_state, *, after=None):
+def write_state(view, page, layer: int, conv_state, ssm_state, *, after=None, flat=False):
     """Store one layer's state into its page; returns the new view.
 
-    view [pages, layers_per_page, per_layer_elems]; page int or int array of shape P
+    view [pages, layers_per_page, per_layer_elems], or [pages, page_elems] with
+    flat=True (padded pages, see :func:`state_view`); page int or int array of shape P
     (may be traced; -1 = drop); conv_state [*P, d_conv - 1, d_inner]; ssm_state
     [*P, d_inner, d_state] (cast to view.dtype). Nothing is written where page is -1;
     concrete ids outside [-1, pages) or a real page repeated raise, traced out-of-range
@@ -439,8 +467,7 @@ def write_state(view, page, layer: int, conv_state, ssm_state, *, after=None):
     that XLA sees every read of the old view ordered before this in-place write;
     otherwise XLA:CPU may copy the whole pool to keep a late reader correct.
     """
-    _check_state_view(view)
-    _check_layer(layer, view)
+    _check_state_view(view, flat)
     idx = _page_index(page, view, unique=True)
     conv_state, ssm_state = jnp.asarray(conv_state), jnp.asarray(ssm_state)
     lead = idx.shape
@@ -451,24 +478,24 @@ def write_state(view, page, layer: int, conv_state, ssm_state, *, after=None):
         and conv_state.shape[:nl] == lead
         and ssm_state.shape[:nl] == lead
         and conv_state.shape[-1] == ssm_state.shape[-2]
-        and conv_state.shape[-2] * conv_state.shape[-1] + math.prod(ssm_state.shape[-2:])
-        == view.shape[2]
     )
-    if not ok:
+    per_layer = math.prod(conv_state.shape[-2:]) + math.prod(ssm_state.shape[-2:])
+    if not ok or (not flat and per_layer != view.shape[2]):
         raise ValueError(
             f"for page shape {lead}, conv_state must be [*{lead}, d_conv - 1, d_inner] and "
-            f"ssm_state [*{lead}, d_inner, d_state] with {view.shape[2]} elements per layer "
-            f"in all, got {conv_state.shape} and {ssm_state.shape}"
+            f"ssm_state [*{lead}, d_inner, d_state] (as many elements per layer as the "
+            f"view's pages hold), got {conv_state.shape} and {ssm_state.shape}"
         )
-    flat = jnp.concatenate(
+    where = _layer_index(view, layer, per_layer, flat)
+    state = jnp.concatenate(
         [conv_state.reshape(*lead, -1), ssm_state.reshape(*lead, -1)], axis=-1
     ).astype(view.dtype)
-    idx, flat = idx.reshape(-1), flat.reshape(-1, flat.shape[-1])  # [P], [P, per_layer]
+    idx, state = idx.reshape(-1), state.reshape(-1, per_layer)  # [P], [P, per_layer]
     # One dropped padding row: it keeps a single write a scatter (XLA rewrites a
     # one-index scatter into a dynamic-update-slice, which XLA:CPU copies the pool
     # for) and carries `after`.
-    pad = jnp.zeros((1, flat.shape[1]), flat.dtype)
+    pad = jnp.zeros((1, per_layer), state.dtype)
     if after is not None:
-        pad = pad + jnp.sum(jnp.asarray(after, _F32)).astype(flat.dtype)
+        pad = pad + jnp.sum(jnp.asarray(after, _F32)).astype(state.dtype)
     idx = jnp.concatenate([idx, jnp.full((1,), view.shape[0], idx.dtype)])
-    return view.at[idx, layer].set(jnp.concatenate([flat, pad]), mode="drop")
+    return view.at[idx, where].set(jnp.concatenate([state, pad]), mode="drop")

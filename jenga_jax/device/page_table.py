@@ -11,6 +11,12 @@ Per token kind (full, sliding, chunked) a :class:`KindTable`:
 Per cross kind a :class:`KindTable` over the encoder (image) tokens, plus
   page_fill    int32 [B, P]   valid tokens of each page (each image starts a page)
   slot_*       int32 [B, E]   where encoder token e writes (-1: cached or not this step)
+The paged plan's token kind on a model with cross attention stores each request's
+images ahead of its text (its stream: stream position = text position + offset), plus
+  key_offsets        int32 [B]     image tokens ahead of the text (the offset)
+  image_slot_pages   int32 [B, E]  where image token e writes (-1: not this step)
+  image_slot_offsets int32 [B, E]
+and its block tables, kv_lens and slots are over the stream.
 Per state kind a :class:`StateTable`:
   read_pages   int32 [B, S]   pages of the state to read (-1: zero state), S pages/state
   write_pages  int32 [B, S]   pages to write the new state into (may equal read_pages)
@@ -35,6 +41,15 @@ class KindTable:
     slot_pages: jax.Array
     slot_offsets: jax.Array
     page_fill: jax.Array | None = None  # cross kinds only
+    key_offsets: jax.Array | None = None  # inline-image kinds only (the paged plan)
+    image_slot_pages: jax.Array | None = None  # inline-image kinds only
+    image_slot_offsets: jax.Array | None = None  # inline-image kinds only
+
+    @property
+    def encoder_slots(self) -> int:
+        """E, the padded encoder tokens this step's slots cover (cross or inline kinds)."""
+        pages = self.slot_pages if self.image_slot_pages is None else self.image_slot_pages
+        return pages.shape[1]
 
 
 @struct.dataclass
@@ -89,6 +104,16 @@ def check_matches(table: PageTable, layout: PoolLayout) -> None:
                 shapes |= {"slot_pages": (b, q), "slot_offsets": (b, q)}
             if (entry.page_fill is not None) != (view.type is AttentionType.CROSS):
                 raise ValueError(f"page table kind {k}: page_fill is for cross kinds only")
+            inline = ("key_offsets", "image_slot_pages", "image_slot_offsets")
+            if any((getattr(entry, n) is not None) != view.inline_images for n in inline):
+                raise ValueError(
+                    f"page table kind {k}: {', '.join(inline)} go with a kind storing "
+                    "images inline, and only with one"
+                )
+            if view.inline_images:
+                e = entry.image_slot_pages.shape[-1]
+                shapes |= {"key_offsets": (b,), "image_slot_pages": (b, e)}
+                shapes |= {"image_slot_offsets": (b, e)}
         for name, shape in shapes.items():
             got = getattr(entry, name).shape
             if got != shape:
@@ -110,15 +135,22 @@ def device_checks(table: PageTable, layout: PoolLayout) -> None:
             if view.is_state
             else (entry.block_tables, entry.slot_pages)
         )
+        slots = [] if view.is_state else [(entry.slot_pages, entry.slot_offsets)]
+        if view.inline_images:
+            ids += (entry.image_slot_pages,)
+            slots.append((entry.image_slot_pages, entry.image_slot_offsets))
+            offsets_ok = jnp.all((entry.key_offsets >= 0) & (entry.key_offsets <= entry.kv_lens))
+            checkify.check(offsets_ok, f"kind {k} ({view.type.value}): key offset out of range")
         for arr in ids:
             ok = jnp.all((arr >= -1) & (arr < n))
             checkify.check(ok, f"kind {k} ({view.type.value}): page id out of [-1, {n})")
         if not view.is_state:
             tpp = view.tokens_per_page
-            offsets_ok = jnp.all(
-                (entry.slot_pages < 0) | ((entry.slot_offsets >= 0) & (entry.slot_offsets < tpp))
-            )
-            checkify.check(offsets_ok, f"kind {k} ({view.type.value}): slot offset out of range")
+            for pages, offsets in slots:
+                offsets_ok = jnp.all((pages < 0) | ((offsets >= 0) & (offsets < tpp)))
+                checkify.check(
+                    offsets_ok, f"kind {k} ({view.type.value}): slot offset out of range"
+                )
             lens_ok = jnp.all(
                 (entry.kv_lens >= 0) & (entry.kv_lens <= entry.block_tables.shape[1] * tpp)
             )

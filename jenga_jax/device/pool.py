@@ -5,6 +5,12 @@ host plan (``jenga_jax.core.page_plan``) numbers each kind's small pages so that
 ``p`` of kind ``k`` sits at flat element offset ``p * page_elems(k)``: a kind's view is
 a reshape of the same buffer (:meth:`PoolLayout.view`), which XLA compiles to a
 bitcast. Every kind stores its K/V (or state) in the pool's dtype.
+
+The baseline plans map onto the same views (see docs/device.md, "Baseline plans on the
+device"): the paged plan's one token kind holds every attention layer (``mixed``: each
+layer applies its own mask) and, on a model with cross attention, the images ahead of
+the text in each request's token stream (``inline_images``); state pages larger than
+their states (paged, uniform) are viewed flat, the tail unused (``padded``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class KindView:
     chunk: int | None = None
     pages_per_state: int = 0  # state kinds: one state spans this many pages
     state_dims: tuple[int, int, int] = (0, 0, 0)  # state kinds: (d_inner, d_state, d_conv)
+    mixed: bool = False  # token kinds: layers of several rules (paged), each masks its own
+    inline_images: bool = False  # paged: each request's stream is [images][text]
 
     @property
     def is_state(self) -> bool:
@@ -43,6 +51,13 @@ class KindView:
     @property
     def layers_per_page(self) -> int:
         return self.num_layers // self.pages_per_state if self.is_state else self.num_layers
+
+    @property
+    def padded(self) -> bool:
+        """State kinds: the page holds more elements than its layers' states."""
+        d_inner, d_state, d_conv = self.state_dims
+        per_layer = (d_conv - 1) * d_inner + d_inner * d_state
+        return self.is_state and self.page_elems > self.layers_per_page * per_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,16 +87,16 @@ class PoolLayout:
         *,
         state_dims: tuple[int, int, int] | None = None,
     ) -> PoolLayout:
-        """The views of a jenga/uniform plan. state_dims = (d_inner, d_state, d_conv)."""
-        dtypes = {k.rule.dtype for k in plan.kinds}
+        """The views of a plan (jenga, paged or uniform). state_dims = (d_inner, d_state,
+        d_conv)."""
+        dtypes = {layer.dtype for layer in plan.layout.layers}  # (the paged plan's state
+        # rule leaves its dtype at the default: the layers' own kinds say what is stored)
         if len(dtypes) != 1:
             raise ValueError(
-                f"one pool holds one dtype; the plan's kinds use {sorted(dtypes)} "
+                f"one pool holds one dtype; the layout's layers use {sorted(dtypes)} "
                 "(plan every kind, states included, in the same dtype)"
             )
         dtype = dtypes.pop()
-        if plan.images_inline:
-            raise ValueError(f"the {plan.allocator!r} plan stores images inline; use 'jenga'")
         itemsize = DTYPE_BYTES[dtype]
         if num_large_pages < 1:
             raise ValueError(f"num_large_pages must be >= 1, got {num_large_pages}")
@@ -96,30 +111,14 @@ class PoolLayout:
                 page_elems=page_elems,
                 num_layers=pk.num_layers,
             )
+            rules = [plan.layout.layers[i] for i in pk.layer_indices]
             if pk.type is AttentionType.STATE:
-                if state_dims is None:
-                    raise ValueError("the plan has a state kind: pass state_dims")
-                d_inner, d_state, d_conv = state_dims
-                per_layer = (d_conv - 1) * d_inner + d_inner * d_state
-                if per_layer * pk.layers_per_page != page_elems:
-                    raise ValueError(
-                        f"state page of {page_elems} elements does not hold "
-                        f"{pk.layers_per_page} layers of {per_layer} (state_dims {state_dims})"
-                    )
-                view = KindView(**common, pages_per_state=pk.pages_per_state, state_dims=state_dims)
+                view = _state_view(pk, common, rules, state_dims, itemsize)
                 for j, layer in enumerate(pk.layer_indices):
                     lpp = view.layers_per_page
                     slots[layer] = LayerSlot(k, j // lpp, j % lpp)
             else:
-                rule = pk.rule
-                view = KindView(
-                    **common,
-                    tokens_per_page=pk.tokens_per_page,
-                    kv_heads=rule.num_kv_heads,
-                    head_dim=rule.head_dim,
-                    window=rule.window,
-                    chunk=rule.chunk,
-                )
+                view = _token_view(pk, common, rules, plan.images_inline, itemsize)
                 for j, layer in enumerate(pk.layer_indices):
                     slots[layer] = LayerSlot(k, 0, j)
             kinds.append(view)
@@ -129,6 +128,13 @@ class PoolLayout:
     def cross_kinds(self) -> tuple[int, ...]:
         """Indices of the cross-attention kinds."""
         return tuple(k for k, v in enumerate(self.kinds) if v.type is AttentionType.CROSS)
+
+    @property
+    def image_kinds(self) -> tuple[int, ...]:
+        """Indices of the kinds storing encoder (image) tokens: cross or inline."""
+        return tuple(
+            k for k, v in enumerate(self.kinds) if v.type is AttentionType.CROSS or v.inline_images
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -145,7 +151,8 @@ class PoolLayout:
 
     def view(self, pool, kind: int):
         """Kind `kind`'s zero-copy view: token kinds [pages, layers, 2, kv_heads, tpp, dim],
-        state kinds [pages, layers_per_page, per_layer_elems]."""
+        state kinds [pages, layers_per_page, per_layer_elems] ([pages, page_elems] when
+        padded)."""
         if pool.shape != self.shape or pool.dtype != np.dtype(self.dtype):
             raise ValueError(
                 f"pool must be {self.dtype} {list(self.shape)}, got {pool.dtype} {pool.shape}"
@@ -159,6 +166,7 @@ class PoolLayout:
                 d_inner=d_inner,
                 d_state=d_state,
                 d_conv=d_conv,
+                page_elems=kv.page_elems,
             )
         return kind_view(
             pool,
@@ -171,3 +179,56 @@ class PoolLayout:
     def unview(self, view):
         """Back to the pool shape (a bitcast, like :meth:`view`)."""
         return view.reshape(self.shape)
+
+
+def _state_view(pk, common: dict, rules, state_dims, itemsize: int) -> KindView:
+    """A state kind's view. A page holds `layers_per_page` real (or padding) layers'
+    states, possibly fewer elements than the page (padded: paged and uniform plans).
+    The paged plan's one state page holds every Mamba layer (num_layers 1)."""
+    if state_dims is None:
+        raise ValueError("the plan has a state kind: pass state_dims")
+    d_inner, d_state, d_conv = state_dims
+    per_layer = (d_conv - 1) * d_inner + d_inner * d_state
+    if any(r.state_bytes != per_layer * itemsize for r in rules):
+        raise ValueError(
+            f"state_dims {state_dims} give {per_layer * itemsize} B per layer, but the "
+            f"layout's states have {sorted({r.state_bytes for r in rules})} B"
+        )
+    stored = max(pk.num_layers, len(pk.layer_indices))  # layers the pages hold in all
+    per_page, page_elems = stored // pk.pages_per_state, common["page_elems"]
+    if stored % pk.pages_per_state or per_page * per_layer > page_elems:
+        raise ValueError(
+            f"state page of {page_elems} elements does not hold {per_page} layers of "
+            f"{per_layer} (state_dims {state_dims})"
+        )
+    common = dict(common, num_layers=stored)
+    return KindView(**common, pages_per_state=pk.pages_per_state, state_dims=state_dims)
+
+
+def _token_view(pk, common: dict, rules, images_inline: bool, itemsize: int) -> KindView:
+    """A token (or cross) kind's view: the page is exactly its layers' K/V, and every
+    layer stored has the kind's kv heads and head dim."""
+    rule = pk.rule
+    per_page = pk.num_layers * 2 * rule.num_kv_heads * pk.tokens_per_page * rule.head_dim
+    if per_page * itemsize != pk.page_bytes:
+        raise ValueError(
+            f"{rule.name}: a page of {pk.page_bytes} B is not exactly its {pk.num_layers} "
+            f"layers' K/V ({per_page * itemsize} B); padded token pages are not supported"
+        )
+    shapes = {(r.num_kv_heads, r.head_dim) for r in rules}
+    if shapes != {(rule.num_kv_heads, rule.head_dim)}:
+        raise ValueError(
+            f"{rule.name}: its layers have (kv_heads, head_dim) {sorted(shapes)}; one view "
+            "needs one shape (the paged plan on a model whose attention layers differ)"
+        )
+    types = {r.type for r in rules}
+    return KindView(
+        **common,
+        tokens_per_page=pk.tokens_per_page,
+        kv_heads=rule.num_kv_heads,
+        head_dim=rule.head_dim,
+        window=rule.window,
+        chunk=rule.chunk,
+        mixed=types != {rule.type},
+        inline_images=images_inline and AttentionType.CROSS in types,
+    )

@@ -21,6 +21,10 @@ Visibility of key ``j`` (absolute position) to the query at position ``i``:
 - ``"cross"``: every key (positions ignored, except ``-1`` marking a padding query)
 
 and always ``j < kv_len``. A padding query (position ``-1``) outputs exactly 0.
+
+With ``key_offsets`` (the paged baseline stores a request's image tokens ahead of its
+text in every layer's token stream), slot ``j`` of row ``b`` holds the key at position
+``j - key_offsets[b]``; the slots below the offset are not keys of a self-attention layer.
 """
 
 from __future__ import annotations
@@ -309,6 +313,25 @@ def check_paged_inputs(
     return q, block_tables, kv_lens, q_positions, sinks, page_fill
 
 
+def _check_key_offsets(key_offsets, kv_lens, q_positions, kind: str) -> jax.Array:
+    """key_offsets int [B] -> int32, in [0, kv_lens] and below every query's own key."""
+    if kind == "cross":
+        raise ValueError("key_offsets is for self-attention kinds, not 'cross'")
+    key_offsets = _int_array("key_offsets", key_offsets, 1)
+    if key_offsets.shape != kv_lens.shape:
+        raise ValueError(f"key_offsets must be {list(kv_lens.shape)}, got {key_offsets.shape}")
+    if not _traced(key_offsets, kv_lens, q_positions):
+        ko, kl, qp = np.asarray(key_offsets), np.asarray(kv_lens), np.asarray(q_positions)
+        if np.any((ko < 0) | (ko > kl)):
+            raise ValueError(f"key_offsets must be in [0, kv_lens], got {ko} (kv_lens {kl})")
+        if np.any(qp >= (kl - ko)[:, None]):
+            raise ValueError(
+                "a query at position i needs its own key in slot i + key_offset: "
+                "q_positions must be < kv_lens - key_offsets"
+            )
+    return key_offsets
+
+
 def paged_attention(
     q,
     view,
@@ -324,6 +347,7 @@ def paged_attention(
     soft_cap: float | None = None,
     sinks=None,
     page_fill=None,
+    key_offsets=None,
 ):
     """Attention of queries over one layer's paged K/V.
 
@@ -334,6 +358,8 @@ def paged_attention(
     page_fill: optional int [batch, max_pages], kind "cross" only: page i holds
     page_fill[b, i] valid keys at its first offsets (several images, each starting on a
     fresh page); key (i, o) is then valid iff o < page_fill[b, i] and i * tpp + o < kv_len.
+    key_offsets: optional int [batch], self-attention kinds only (the pure-JAX backend):
+    slot j holds the key at position j - key_offsets[b]; slots below it are no keys.
     Returns [batch, q_len, q_heads, head_dim] in q.dtype.
 
     Only the pages of visible keys are read: a page outside every query's visible range
@@ -345,6 +371,9 @@ def paged_attention(
         q, view, block_tables, kv_lens, q_positions, layer=layer, kind=kind, window=window,
         chunk=chunk, scale=scale, soft_cap=soft_cap, sinks=sinks, page_fill=page_fill,
     )  # fmt: skip
+    offsets = jnp.zeros_like(kv_lens)  # [B]
+    if key_offsets is not None:
+        offsets = _check_key_offsets(key_offsets, kv_lens, q_positions, kind)
     num_pages, _, _, kv_heads, tpp, head_dim = view.shape
     batch, q_len, q_heads, _ = q.shape
     max_pages = block_tables.shape[1]
@@ -355,7 +384,8 @@ def paged_attention(
     kv = view[pages, layer]  # [B, max_pages, 2, kv_heads, tpp, head_dim]
     kv = kv.transpose(2, 0, 1, 4, 3, 5).reshape(2, batch, seq, kv_heads, head_dim)
     j = jnp.arange(seq, dtype=jnp.int32)
-    k_pos = jnp.where(j[None, :] < kv_lens[:, None], j[None, :], -1)  # [B, S]
+    is_key = (j[None, :] < kv_lens[:, None]) & (j[None, :] >= offsets[:, None])
+    k_pos = jnp.where(is_key, j[None, :] - offsets[:, None], -1)  # [B, S]
     page_ok = (block_tables >= 0) & (block_tables < num_pages)
     key_ok = jnp.repeat(page_ok, tpp, axis=1)  # [B, S]
     if page_fill is not None:

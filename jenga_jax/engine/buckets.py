@@ -14,12 +14,15 @@ class Buckets:
     """Sizes each padded dim may take: explicit sorted tuples, or None for powers of two.
 
     `min_*` are the smallest power-of-two sizes used when a dim has no explicit tuple.
+    `kind_pages`: one fixed block-table width per pool kind (overrides `pages`), so that
+    each kind reads only as many pages as its longest request can hold.
     """
 
     batch: tuple[int, ...] | None = None
     queries: tuple[int, ...] | None = None
     pages: tuple[int, ...] | None = None
     encoder: tuple[int, ...] | None = None
+    kind_pages: tuple[int, ...] | None = None
     min_batch: int = 1
     min_queries: int = 8  # prefill; decode steps always use 1
     min_pages: int = 4
@@ -39,7 +42,10 @@ class Buckets:
     def num_queries(self, n: int, *, decode: bool) -> int:
         return 1 if decode else self._pick(n, self.queries, self.min_queries, "query chunk")
 
-    def num_pages(self, n: int) -> int:
+    def num_pages(self, n: int, kind: int | None = None) -> int:
+        if self.kind_pages is not None and kind is not None:
+            width = (self.kind_pages[kind],)
+            return self._pick(n, width, self.min_pages, f"kind {kind} block table")
         return self._pick(n, self.pages, self.min_pages, "block table")
 
     def num_encoder(self, n: int) -> int:

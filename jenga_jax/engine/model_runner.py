@@ -4,6 +4,10 @@ The runner allocates a step's rows in the manager, builds the padded page table 
 numpy, moves it to the device once and runs the prefill or decode step, keeping the
 returned (donated, updated in place) pool. Admission and batching policy belong to a
 scheduler; a row the pool cannot hold now is refused and left out of the step.
+
+The page plan is Jenga's or a baseline's ("paged": vLLM v0's PagedAttention, "uniform":
+vLLM v1's hybrid manager; see docs/device.md), so that one KV budget can be served by
+each allocator with the same model and the same steps.
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ class ModelRunner:
         self,
         model,
         *,
-        num_large_pages: int,
+        allocator: str = "jenga",
+        num_large_pages: int | None = None,
+        kv_budget_bytes: int | None = None,
         tokens_per_page: int = 16,
         checkpoint_interval: int | None = None,
         buckets: Buckets | None = None,
@@ -64,22 +70,48 @@ class ModelRunner:
         attention_backend: str | None = None,
         tokens_per_page_multiple: int | None = None,
     ):
-        """`pool_fill`: initial pool value (NaN in tests: unwritten pages must never be
+        """`allocator`: the page plan, "jenga", "paged" or "uniform"; the pool is given
+        as exactly one of `num_large_pages` or `kv_budget_bytes` (as many large pages as
+        fit). `tokens_per_page`: jenga's target, or the baselines' base page;
+        `pool_fill`: initial pool value (NaN in tests: unwritten pages must never be
         read); `shuffle_seed`: random page placement (tests); `attention_backend`:
         "reference", "triton" or "mosaic" (None: by platform, logged once), or
         "triton-interpret" / "mosaic-interpret" to run a kernel in interpret mode;
-        `tokens_per_page_multiple`: every kind's tokens per page is a multiple of it
-        (None: 8, or 16 for 2-byte pools, when the kernel is Mosaic; else 1)."""
+        `tokens_per_page_multiple` (jenga): every kind's tokens per page is a multiple
+        of it (None: 8, or 16 for 2-byte pools, when the kernel is Mosaic; else 1)."""
         cfg = model.cfg
         self.cfg = cfg
+        self.allocator = allocator
         layout = cfg.layout(cfg.dtype, checkpoint_interval)
-        if tokens_per_page_multiple is None:
-            tokens_per_page_multiple = 1
-            if choose_backend(parse_backend(attention_backend)[0])[0] == "mosaic":
-                tokens_per_page_multiple = 16 if DTYPE_BYTES[cfg.dtype] == 2 else 8
-        self.plan = make_plan(
-            layout, "jenga", tokens_per_page, tokens_per_page_multiple=tokens_per_page_multiple
-        )
+        if (num_large_pages is None) == (kv_budget_bytes is None):
+            raise ValueError(
+                "give the pool size as exactly one of num_large_pages, kv_budget_bytes"
+            )
+        backend = choose_backend(parse_backend(attention_backend)[0])[0]
+        if allocator == "jenga":
+            if tokens_per_page_multiple is None:
+                tokens_per_page_multiple = 1
+                if backend == "mosaic":
+                    tokens_per_page_multiple = 16 if DTYPE_BYTES[cfg.dtype] == 2 else 8
+            self.plan = make_plan(
+                layout, "jenga", tokens_per_page, tokens_per_page_multiple=tokens_per_page_multiple
+            )
+        else:
+            if tokens_per_page_multiple is not None:
+                raise ValueError("tokens_per_page_multiple is for the jenga plan")
+            self.plan = make_plan(layout, allocator, tokens_per_page)
+        if self.plan.images_inline and backend != "reference":
+            raise ValueError(
+                f"the {allocator!r} plan stores images inline in the token stream, which "
+                f"only the reference attention reads (key offsets), not the {backend} kernel"
+            )
+        if kv_budget_bytes is not None:
+            num_large_pages = kv_budget_bytes // self.plan.large_page_bytes
+            if num_large_pages < 1:
+                raise ValueError(
+                    f"a KV budget of {kv_budget_bytes:,} B is smaller than one large page "
+                    f"({self.plan.large_page_bytes:,} B) of the {allocator!r} plan"
+                )
         self.manager = KVCacheManager(
             layout,
             num_large_pages * self.plan.large_page_bytes,

@@ -2,6 +2,10 @@
 
 Every id is validated here, on the host, before anything reaches the device: JAX
 would clip or drop an out-of-range index silently.
+
+Rows are in text positions. A kind storing images inline (the paged plan on a model
+with cross attention) keeps each request's stream [images][text]: its block tables,
+slots and lengths are over the stream, shifted by the request's image tokens.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def build_page_table(
 
     Returns (table, encoder_bucket, image_rows): encoder_bucket is the padded number
     of encoder tokens written this step (0 when no row writes image K/V); image_rows
-    the rows that write some of their images' K/V (in any cross kind).
+    the rows that write some of their images' K/V (in any cross kind, or inline).
     """
     if not rows:
         raise ValueError("a step needs at least one row")
@@ -71,11 +75,19 @@ def build_page_table(
         positions[i, : r.num_tokens] = np.arange(r.start, end)
 
     # Encoder tokens written this step: rows with unfilled pages in some cross kind (the
-    # kinds take an image's pages together, but each may have found it in the cache).
+    # kinds take an image's pages together, but each may have found it in the cache), or
+    # rows that compute their stream from its start when images are inline.
     to_write = {
         k: [manager.cross_pages_to_write(r.request_id, k) for r in rows] for k in layout.cross_kinds
     }
-    image_rows = tuple(i for i in range(len(rows)) if any(any(w[i]) for w in to_write.values()))
+    inline = any(v.inline_images for v in layout.kinds)
+    offsets = [sum(manager.encoder_token_counts(r.request_id)) if inline else 0 for r in rows]
+    image_rows = tuple(
+        i
+        for i, r in enumerate(rows)
+        if any(any(w[i]) for w in to_write.values())
+        or (offsets[i] and _stream_start(manager, r.request_id) == 0)
+    )
     counts = [manager.encoder_token_counts(rows[i].request_id) for i in image_rows]
     enc = buckets.num_encoder(max(sum(c) for c in counts)) if image_rows else 0
 
@@ -94,7 +106,7 @@ def build_page_table(
             entries.append(StateTable(read, write))
             continue
         tpp = view.tokens_per_page
-        p = buckets.num_pages(max(len(t) for t in tables))
+        p = buckets.num_pages(max(len(t) for t in tables), kind=k)
         bt = np.full((b, p), -1, np.int32)
         for i, t in enumerate(tables):
             ids = _ids(t)
@@ -103,23 +115,49 @@ def build_page_table(
         if view.type is AttentionType.CROSS:
             entries.append(_cross_table(manager, rows, bt, tpp, enc, to_write[k], image_rows))
             continue
+        shift = offsets if view.inline_images else [0] * len(rows)
+        lengths = [len(t) for t in tables]
+        spans = {
+            i: (r.request_id, np.arange(r.start, r.start + r.num_tokens) + shift[i])
+            for i, r in enumerate(rows)
+        }
+        slot_pages, slot_offsets = _slots(bt, lengths, tpp, q, spans, what)
         kv_lens = np.zeros(b, np.int32)
-        slot_pages = np.full((b, q), -1, np.int32)
-        slot_offsets = np.zeros((b, q), np.int32)
-        for i, r in enumerate(rows):
-            end = r.start + r.num_tokens
-            kv_lens[i] = end
-            pos = np.arange(r.start, end)
-            if end > len(tables[i]) * tpp:
-                raise ValueError(
-                    f"{what}: request {r.request_id!r} has no page for position {end - 1}"
-                )
-            slot_pages[i, : r.num_tokens] = bt[i, pos // tpp]
-            slot_offsets[i, : r.num_tokens] = pos % tpp
-            if (slot_pages[i, : r.num_tokens] < 0).any():
-                raise ValueError(f"{what}: request {r.request_id!r} writes into a released page")
-        entries.append(KindTable(bt, kv_lens, slot_pages, slot_offsets))
+        kv_lens[: len(rows)] = [pos[-1] + 1 for _, pos in spans.values()]
+        if not view.inline_images:
+            entries.append(KindTable(bt, kv_lens, slot_pages, slot_offsets))
+            continue
+        key_offsets = np.zeros(b, np.int32)
+        key_offsets[: len(rows)] = offsets
+        spans = {i: (rows[i].request_id, np.arange(offsets[i])) for i in image_rows}
+        image_pages, image_offsets = _slots(bt, lengths, tpp, enc, spans, what)
+        inline = dict(
+            key_offsets=key_offsets, image_slot_pages=image_pages, image_slot_offsets=image_offsets
+        )
+        entries.append(KindTable(bt, kv_lens, slot_pages, slot_offsets, **inline))
     return PageTable(positions, tuple(entries)), enc, image_rows
+
+
+def _slots(bt, lengths, tpp: int, width: int, spans: dict, what: str):
+    """Where tokens write: spans[i] = (request_id, positions) of row i, into the row's
+    block table bt[i] of lengths[i] pages. Returns slot_pages, slot_offsets int32
+    [len(bt), width] (-1 and 0 elsewhere)."""
+    pages = np.full((len(bt), width), -1, np.int32)
+    offsets = np.zeros((len(bt), width), np.int32)
+    for i, (rid, pos) in spans.items():
+        if pos[-1] >= lengths[i] * tpp:
+            raise ValueError(f"{what}: request {rid!r} has no page for position {pos[-1]}")
+        pages[i, : len(pos)] = bt[i, pos // tpp]
+        offsets[i, : len(pos)] = pos % tpp
+        if (pages[i, : len(pos)] < 0).any():
+            raise ValueError(f"{what}: request {rid!r} writes into a released page")
+    return pages, offsets
+
+
+def _stream_start(manager: KVCacheManager, request_id: str) -> int:
+    """Stream position this step's computation starts at (0: the request computes its
+    inline images too). The manager keeps it in its private request state."""
+    return manager._get(request_id).num_computed
 
 
 def _cross_table(manager, rows, bt, tpp, enc, to_write, image_rows) -> KindTable:

@@ -39,13 +39,13 @@ def _check_inputs(model, table: PageTable, inputs: StepInputs, layout: PoolLayou
             f"{table.q_positions.shape}"
         )
     cfg = model.cfg
-    cross = layout.cross_kinds
+    kinds = layout.image_kinds
     emb = inputs.image_embeds
     if emb is None:
         return
-    if not cross:
+    if not kinds:
         raise ValueError(f"{cfg.name} has no cross-attention layers: image_embeds must be None")
-    want = (table.batch, table.kinds[cross[0]].slot_pages.shape[1], cfg.vision_dim)
+    want = (table.batch, table.kinds[kinds[0]].encoder_slots, cfg.vision_dim)
     if emb.ndim != 3 or emb.shape != want:
         raise ValueError(
             f"image_embeds must be [batch, encoder_tokens, vision_dim] = {list(want)} "

@@ -1,0 +1,135 @@
+"""The example serving loop: a tiny hybrid model, a seeded workload with images, metrics.
+
+python examples/serve.py                       # Llama-3.2-Vision-like model, 48 requests
+python examples/serve.py --compare             # the same workload with the paged baseline too
+python examples/serve.py --family gemma3 --checkpoint /path/to/orbax_dir
+python examples/serve.py --interactive         # prompts from stdin, tokens streamed back
+
+The model has random weights unless --checkpoint names an orbax checkpoint of the same
+tiny architecture (``models.checkpoint.save_params``); nothing is downloaded. Tokens are
+bytes (the tiny models have a 256-token vocabulary), so interactive replies are
+arbitrary bytes: what the loop shows is the machinery and its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from flax import nnx
+
+from jenga_jax.engine.llm_engine import Engine
+from jenga_jax.engine.sampling import SamplingParams
+from jenga_jax.engine.scheduler import SchedulerConfig
+from jenga_jax.engine.serving import demo_trace, format_table, run_trace
+from models import FAMILIES, HybridDecoder, tiny_config
+from models.checkpoint import load_params
+from models.random_init import perturb
+
+
+def build_model(family: str, checkpoint: str | None, seed: int):
+    model = HybridDecoder(tiny_config(family), rngs=nnx.Rngs(seed))
+    if checkpoint:
+        return load_params(model, checkpoint)
+    return perturb(model, seed=seed)
+
+
+def build_engine(model, args, allocator: str) -> Engine:
+    return Engine(
+        model,
+        kv_budget_bytes=int(args.kv_budget_mib * 2**20),
+        allocator=allocator,
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        ),
+        max_model_len=args.max_model_len,
+        max_encoder_tokens=args.max_encoder_tokens,
+        seed=args.seed,
+    )
+
+
+def serve_workload(model, args) -> None:
+    trace = demo_trace(
+        args.requests,
+        vocab_size=model.cfg.vocab_size,
+        seed=args.seed,
+        image_tokens=args.image_tokens,
+        arrival_rate=args.arrival_rate,
+    )
+    if model.cfg.vision_dim is None:  # a text-only model: the same questions, no images
+        trace = [dataclasses.replace(r, images=()) for r in trace]
+    reports = []
+    for allocator in ["jenga", "paged"] if args.compare else ["jenga"]:
+        engine = build_engine(model, args, allocator)
+        print(f"{allocator}: warming up (compiling every step shape) ...", file=sys.stderr)
+        engine.warmup()
+        reports.append(
+            run_trace(
+                engine,
+                trace,
+                workload="demo",
+                temperature=args.temperature,
+                progress=not args.quiet,
+            )
+        )
+    r = reports[0]
+    print(
+        f"\n{r.model}: {r.num_requests} requests, KV budget {args.kv_budget_mib} MiB, "
+        f"{r.generated_tokens} tokens generated"
+    )
+    print(format_table(reports))
+    if args.json:
+        with open(args.json, "w") as f:
+            for rep in reports:
+                f.write(json.dumps(rep.row()) + "\n")
+
+
+def interactive(model, args) -> None:
+    engine = build_engine(model, args, "jenga")
+    params = SamplingParams(
+        temperature=args.temperature or 0.8, top_p=0.95, max_tokens=args.max_tokens, seed=None
+    )
+    print("type a prompt, then Enter (empty line or EOF quits); replies are bytes", file=sys.stderr)
+    for line in sys.stdin:
+        text = line.rstrip("\n")
+        if not text:
+            break
+        prompt = list(text.encode("utf-8"))
+        for token in engine.stream(prompt, params):
+            sys.stdout.write(bytes([token]).decode("latin-1"))
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", default="llama-vision", choices=sorted(FAMILIES))
+    p.add_argument("--checkpoint", help="orbax checkpoint directory (models.checkpoint)")
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--image-tokens", type=int, default=192, help="mean image tokens")
+    p.add_argument("--arrival-rate", type=float, help="requests/s (default: all at once)")
+    p.add_argument("--kv-budget-mib", type=float, default=2.0)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=256)
+    p.add_argument("--max-encoder-tokens", type=int, default=320)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--max-tokens", type=int, default=48, help="interactive replies")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", action="store_true", help="also run the paged baseline")
+    p.add_argument("--interactive", action="store_true", help="prompts from stdin")
+    p.add_argument("--json", help="write one JSON line per allocator here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    model = build_model(args.family, args.checkpoint, args.seed)
+    if args.interactive:
+        interactive(model, args)
+    else:
+        serve_workload(model, args)
+
+
+if __name__ == "__main__":
+    main()

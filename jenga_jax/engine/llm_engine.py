@@ -1,0 +1,385 @@
+"""The engine: requests in, tokens out, over one model and one shared paged pool.
+
+``add_request`` validates and queues; ``step`` schedules (``Scheduler``), runs the
+decode rows and the prefill chunks as two jitted steps over the same pool, samples
+one token for every row that reached the end of its known tokens, and finishes
+requests on a stop token or at ``max_tokens``. ``generate`` and ``stream`` drive
+``step`` for you; ``abort`` frees a request's pages at once.
+
+Everything but the model steps and the sampler is host Python; the device sees one
+page table per step. With a fixed seed a request's tokens do not depend on batching,
+chunking or preemption (sampling keys are per request and position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from jenga_jax.core.errors import RequestError
+from jenga_jax.core.layer_kinds import AttentionType
+from jenga_jax.engine import warmup
+from jenga_jax.engine.buckets import Buckets
+from jenga_jax.engine.engine_request import EngineRequest, RequestOutput, Status
+from jenga_jax.engine.model_runner import Image, ModelRunner
+from jenga_jax.engine.sampling import UINT32, SamplerBatch, SamplingParams, finished
+from jenga_jax.engine.scheduler import Scheduler, SchedulerConfig
+
+
+@dataclasses.dataclass
+class EngineCounters:
+    """Totals since the engine started (host-side, cheap)."""
+
+    steps: int = 0
+    rows: int = 0  # request rows over all steps (sum of batch sizes)
+    computed_tokens: int = 0  # prefill and decode tokens run on the device
+    generated_tokens: int = 0
+    finished_requests: int = 0
+    step_seconds: float = 0.0  # wall time inside step()
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.rows / self.steps if self.steps else 0.0
+
+
+class Engine:
+    """A continuous-batching engine over a :class:`ModelRunner`.
+
+    model: a ``models.HybridDecoder`` (or anything with its interface); exactly one of
+    num_large_pages / kv_budget_bytes sizes the pool; allocator: "jenga", "paged" or
+    "uniform" (the baselines, for comparison); max_model_len: the longest request
+    (prompt + max_tokens) accepted, at most the model's; it sets the block-table width
+    so that every step has one of a few shapes (see :meth:`warmup`); max_encoder_tokens:
+    most image tokens per request (models with cross attention); checkpoint_interval:
+    state (Mamba) kinds keep a state every this many tokens, so prefixes can hit (None:
+    never; prefill chunks then end on checkpoints).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        num_large_pages: int | None = None,
+        kv_budget_bytes: int | None = None,
+        allocator: str = "jenga",
+        scheduler: SchedulerConfig | None = None,
+        max_model_len: int | None = None,
+        max_encoder_tokens: int | None = None,
+        tokens_per_page: int = 16,
+        checkpoint_interval: int | None = None,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        attention_backend: str | None = None,
+        debug: bool = False,
+        pool_fill: float = 0.0,
+        shuffle_seed: int | None = None,
+    ):
+        cfg = model.cfg
+        self.cfg = cfg
+        self.config = scheduler or SchedulerConfig()
+        if not isinstance(seed, int) or not 0 <= seed < UINT32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+        self.seed = seed
+        self.max_model_len = max_model_len or cfg.max_seq_len
+        if not 1 <= self.max_model_len <= cfg.max_seq_len:
+            raise ValueError(
+                f"max_model_len must be in [1, {cfg.max_seq_len}] ({cfg.name}), got {max_model_len}"
+            )
+        self.max_encoder_tokens = 0
+        if cfg.vision_dim is not None:
+            self.max_encoder_tokens = max_encoder_tokens or self.max_model_len
+        self.runner = ModelRunner(
+            model,
+            num_large_pages=num_large_pages,
+            kv_budget_bytes=kv_budget_bytes,
+            allocator=allocator,
+            tokens_per_page=tokens_per_page,
+            checkpoint_interval=checkpoint_interval,
+            enable_prefix_caching=enable_prefix_caching,
+            debug=debug,
+            pool_fill=pool_fill,
+            shuffle_seed=shuffle_seed,
+            attention_backend=attention_backend,
+        )
+        self.kind_pages = self._kind_pages(self.runner.plan)
+        self.runner.buckets = Buckets(
+            batch=_pow2_up_to(self.config.max_num_seqs),
+            queries=_pow2_up_to(self.config.prefill_chunk, lo=min(16, self.config.prefill_chunk)),
+            kind_pages=self.kind_pages,  # one width per kind: a few step shapes (see warmup)
+            encoder=(self.max_encoder_tokens,) if self.max_encoder_tokens else None,
+        )
+        self.manager = self.runner.manager
+        self.scheduler = Scheduler(self.runner, self.config)
+        self.counters = EngineCounters()
+        self._requests: dict[str, EngineRequest] = {}  # unfinished ones
+        self._arrivals = itertools.count()
+        self._auto_ids = itertools.count()
+
+    _IMAGE_PAGE_SLACK = 3  # cross kinds: room for 4 images' partial last pages
+
+    def _kind_pages(self, plan) -> tuple[int, ...]:
+        """Block-table width of each kind: enough for any accepted request."""
+        stream = self.max_model_len + (self.max_encoder_tokens if plan.images_inline else 0)
+        widths = []
+        for k in plan.kinds:
+            if k.type is AttentionType.CROSS:
+                tpp = k.tokens_per_page
+                widths.append(-(-self.max_encoder_tokens // tpp) + self._IMAGE_PAGE_SLACK)
+            elif k.is_token_kind:
+                widths.append(-(-stream // k.tokens_per_page))
+            else:
+                widths.append(0)  # state kinds have no block table
+        return tuple(widths)
+
+    def _check_image_pages(self, request_id: str, images: Sequence[Image]) -> None:
+        for k, width in zip(self.runner.plan.kinds, self.kind_pages):
+            if k.type is AttentionType.CROSS:
+                pages = sum(-(-len(im.embeds) // k.tokens_per_page) for im in images)
+                if pages > width:
+                    raise RequestError(
+                        f"request {request_id!r}: its {len(images)} images take {pages} pages "
+                        f"of {k.tokens_per_page} tokens; at most {width} fit a block table "
+                        "(fewer, larger images, or raise max_encoder_tokens)"
+                    )
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        images: Sequence[Image] | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises RequestError (nothing queued) when
+        the prompt, the parameters or the images are invalid, or when the request
+        could never fit in the pool."""
+        params = SamplingParams() if sampling_params is None else sampling_params
+        if not isinstance(params, SamplingParams):
+            raise RequestError(
+                f"sampling_params must be SamplingParams, got {type(params).__name__}"
+            )
+        params.validate_for(self.cfg.vocab_size)
+        if request_id is None:
+            request_id = f"req-{next(self._auto_ids)}"
+            while request_id in self._requests:
+                request_id = f"req-{next(self._auto_ids)}"
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestError(f"request_id must be a non-empty str, got {request_id!r}")
+        if request_id in self._requests:
+            raise RequestError(f"request {request_id!r} already exists")
+        prompt = _token_ids(request_id, prompt_token_ids, self.cfg.vocab_size)
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"request {request_id!r}: {len(prompt)} prompt + {params.max_tokens} max_tokens "
+                f"exceed max_model_len {self.max_model_len}"
+            )
+        images = _images(request_id, images, self.cfg, self.max_encoder_tokens)
+        self._check_image_pages(request_id, images)
+        self.runner.add_request(
+            request_id,
+            prompt,
+            images=images,
+            max_new_tokens=params.max_tokens,
+            prefill_chunk=self.config.prefill_chunk,
+        )
+        req = EngineRequest(
+            request_id,
+            tuple(prompt),
+            params,
+            arrival_index=next(self._arrivals),
+            arrival_time=time.perf_counter(),
+        )
+        self._requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput:
+        """Stop a waiting or running request now and free its pages."""
+        req = self._requests.get(request_id)
+        if req is None:
+            raise RequestError(f"unknown request {request_id!r} (never added, or already finished)")
+        self._finish(req, "abort")
+        return req.output()
+
+    def warmup(self) -> int:
+        """Compile every step shape now (see ``engine.warmup``); returns how many."""
+        return warmup.warmup(self)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def _finish(self, req: EngineRequest, reason: str) -> None:
+        self.scheduler.remove(req)
+        self.runner.free(req.request_id)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.finish_time = time.perf_counter()
+        del self._requests[req.request_id]
+        self.counters.finished_requests += 1
+
+    # ------------------------------------------------------------------ steps
+    def step(self) -> list[RequestOutput]:
+        """Run one step. Returns an output for every request that got a token (with
+        `finished` set for those that ended); empty when there was nothing to run."""
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if plan.num_rows == 0:
+            return []
+        rows, logits = [], []
+        for batch, decode in ((plan.decode, True), (plan.prefill, False)):
+            if batch:
+                rows += batch
+                logits.append(self.runner.execute(self.runner.prepare(batch, decode=decode)))
+        logits = np.concatenate(logits)  # [rows, V]
+        c = self.counters
+        c.steps += 1
+        c.rows += len(rows)
+        c.computed_tokens += sum(r.num_tokens for r in rows)
+        ends = [r.start + r.num_tokens for r in rows]
+        sampling = [
+            i for i, r in enumerate(rows) if ends[i] == self.manager.num_tokens(r.request_id)
+        ]
+        outputs = []
+        if sampling:
+            reqs = [self._requests[rows[i].request_id] for i in sampling]
+            batch = SamplerBatch.build(
+                [r.params for r in reqs],
+                [ends[i] for i in sampling],
+                [r.request_id for r in reqs],
+                vocab_size=self.cfg.vocab_size,
+                engine_seed=self.seed,
+                batch_size=self.runner.buckets.batch_size(len(reqs)),
+            )
+            tokens = batch.sample(logits[sampling])
+            now = time.perf_counter()
+            for req, token in zip(reqs, tokens.tolist()):
+                req.output_token_ids.append(token)
+                req.pending.append(token)
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                c.generated_tokens += 1
+                reason = finished(token, req.params, len(req.output_token_ids))
+                if reason:
+                    self._finish(req, reason)
+                outputs.append(req.output((token,)))
+        c.step_seconds += time.perf_counter() - t0
+        return outputs
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        images: Sequence[Sequence[Image] | None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run a batch of prompts to completion; outputs in prompt order. Other queued
+        requests advance too. If one request is invalid, none is queued."""
+        n = len(prompts)
+        params = sampling_params
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * n
+        images = [None] * n if images is None else list(images)
+        if len(params) != n or len(images) != n:
+            raise RequestError(
+                f"{n} prompts but {len(params)} sampling params and {len(images)} image lists"
+            )
+        ids = []
+        try:
+            for prompt, p, ims in zip(prompts, params, images):
+                ids.append(self.add_request(prompt, p, ims))
+        except RequestError:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        reqs = [self._requests[rid] for rid in ids]
+        while any(r.status is not Status.FINISHED for r in reqs):
+            self.step()
+        return [r.output() for r in reqs]
+
+    def stream(
+        self,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        images: Sequence[Image] | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[int]:
+        """Yield the request's tokens as they are sampled (stepping the engine; other
+        requests advance too). Closing the generator early aborts the request."""
+        rid = self.add_request(prompt_token_ids, sampling_params, images, request_id)
+        req = self._requests[rid]
+        sent = 0
+        try:
+            while req.status is not Status.FINISHED:
+                self.step()
+                while sent < len(req.output_token_ids):
+                    sent += 1
+                    yield req.output_token_ids[sent - 1]
+        finally:
+            if req.status is not Status.FINISHED:
+                self.abort(rid)
+
+
+def _pow2_up_to(n: int, lo: int = 1) -> tuple[int, ...]:
+    """lo, 2 lo, 4 lo, ... and n itself as the last size."""
+    sizes = []
+    s = lo
+    while s < n:
+        sizes.append(s)
+        s *= 2
+    return (*sizes, n)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _token_ids(request_id: str, prompt, vocab_size: int) -> list[int]:
+    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
+        raise RequestError(f"request {request_id!r}: prompt_token_ids must be a sequence of ints")
+    ids = list(prompt)
+    if not ids:
+        raise RequestError(f"request {request_id!r}: the prompt is empty")
+    bad = [t for t in ids if not _is_int(t) or not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(
+            f"request {request_id!r}: token ids must be ints in [0, {vocab_size}), got {bad[:5]}"
+        )
+    return [int(t) for t in ids]
+
+
+def _images(request_id: str, images, cfg, max_encoder_tokens: int) -> list[Image]:
+    images = [] if images is None else list(images)
+    if images and cfg.vision_dim is None:
+        raise RequestError(f"{cfg.name} has no cross-attention layers: it takes no images")
+    for im in images:
+        if not isinstance(im, Image):
+            raise RequestError(f"request {request_id!r}: images must be Image, got {im!r}")
+        e = np.asarray(im.embeds)
+        if e.ndim != 2 or e.shape[0] < 1 or e.shape[1] != cfg.vision_dim:
+            raise RequestError(
+                f"request {request_id!r}: image {im.content_hash!r} embeddings must be "
+                f"[num_tokens >= 1, {cfg.vision_dim}], got {list(e.shape)}"
+            )
+        if not np.issubdtype(e.dtype, np.floating) or not np.isfinite(e).all():
+            raise RequestError(
+                f"request {request_id!r}: image {im.content_hash!r} embeddings must be "
+                "finite floats"
+            )
+    total = sum(len(im.embeds) for im in images)
+    if total > max_encoder_tokens:
+        raise RequestError(
+            f"request {request_id!r}: {total} image tokens exceed max_encoder_tokens "
+            f"{max_encoder_tokens}"
+        )
+    return images

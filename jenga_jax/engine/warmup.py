@@ -1,0 +1,86 @@
+"""Compile every step shape an engine can produce, before serving.
+
+An engine's steps take a few shapes only: batch and query sizes from its buckets, one
+block-table width per kind, one encoder width, images or not. Running each once on an all-
+padding page table (every page id -1: nothing is read or written) compiles them, so
+serving never compiles again.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from jenga_jax.core.layer_kinds import AttentionType
+from jenga_jax.device.page_table import KindTable, PageTable, StateTable
+from jenga_jax.device.pool import PoolLayout
+from jenga_jax.engine.model_runner import PreparedStep
+from jenga_jax.engine.page_table_builder import StepRow
+from jenga_jax.engine.sampling import SamplerBatch, SamplingParams
+from jenga_jax.engine.steps import StepInputs
+
+
+def padding_table(layout: PoolLayout, batch: int, queries: int, kind_pages, encoder: int):
+    """A page table of padding rows only: [batch, queries], block tables of kind k
+    [batch, kind_pages[k]], encoder slots [batch, encoder]."""
+    kinds = []
+    for view, pages in zip(layout.kinds, kind_pages):
+        if view.is_state:
+            s = view.pages_per_state
+            kinds.append(
+                StateTable(np.full((batch, s), -1, np.int32), np.full((batch, s), -1, np.int32))
+            )
+            continue
+        cross = view.type is AttentionType.CROSS
+        slots = encoder if cross else queries
+        inline = {}
+        if view.inline_images:  # the paged plan: images ahead of the text in the stream
+            inline = dict(
+                key_offsets=np.zeros(batch, np.int32),
+                image_slot_pages=np.full((batch, encoder), -1, np.int32),
+                image_slot_offsets=np.zeros((batch, encoder), np.int32),
+            )
+        kinds.append(
+            KindTable(
+                np.full((batch, pages), -1, np.int32),
+                np.zeros(batch, np.int32),
+                np.full((batch, slots), -1, np.int32),
+                np.zeros((batch, slots), np.int32),
+                np.zeros((batch, pages), np.int32) if cross else None,
+                **inline,
+            )
+        )
+    return PageTable(np.full((batch, queries), -1, np.int32), tuple(kinds))
+
+
+def step_shapes(engine) -> list[tuple[bool, int, int, int]]:
+    """(decode, batch, queries, encoder) of every step the engine can run."""
+    buckets, cfg = engine.runner.buckets, engine.config
+    prefill_batches = [b for b in buckets.batch if b <= buckets.batch_size(cfg.max_prefill_rows)]
+    shapes = [(True, b, 1, 0) for b in buckets.batch]
+    encoders = [0] + ([engine.max_encoder_tokens] if engine.max_encoder_tokens else [])
+    shapes += [(False, b, q, e) for b in prefill_batches for q in buckets.queries for e in encoders]
+    return shapes
+
+
+def warmup(engine) -> int:
+    """Run every step shape and the sampler at every batch size once; returns how many
+    step shapes ran. The pool is unchanged (padding rows write nothing)."""
+    runner = engine.runner
+    cfg = engine.cfg
+    steps = runner.steps
+    shapes = step_shapes(engine)
+    for decode, batch, queries, encoder in shapes:
+        table = padding_table(runner.layout, batch, queries, engine.kind_pages, encoder)
+        embeds = np.zeros((batch, encoder, cfg.vision_dim), cfg.dtype) if encoder else None
+        inputs = StepInputs(np.zeros((batch, queries), np.int32), embeds)
+        fn = steps.decode if decode else steps.prefill
+        table, inputs = jax.device_put((table, inputs))
+        runner.execute(PreparedStep(fn, table, inputs, (StepRow("", 0, 1),), False))
+    for batch in runner.buckets.batch:  # the sampler at every batch size
+        params = [SamplingParams(temperature=1.0)] * batch
+        sampler = SamplerBatch.build(
+            params, [0] * batch, [""] * batch, vocab_size=cfg.vocab_size, engine_seed=0
+        )
+        sampler.sample(np.zeros((batch, cfg.vocab_size), np.float32))
+    return len(shapes)
