@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo report test lint bench clean
+.PHONY: demo generate report test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
+	$(PY) examples/serve.py --compare
+
+generate: $(VENV)/.installed
 	$(PY) examples/generate.py
 
 report: $(VENV)/.installed
@@ -26,6 +29,7 @@ test: lint
 bench: $(VENV)/.installed
 	$(PY) benchmarks/memory.py --json memory.jsonl
 	$(PY) benchmarks/allocator_overhead.py --json overhead.jsonl
+	$(PY) benchmarks/serving.py --json serving.jsonl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

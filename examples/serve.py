@@ -8,7 +8,8 @@ python examples/serve.py --interactive         # prompts from stdin, tokens stre
 The model has random weights unless --checkpoint names an orbax checkpoint of the same
 tiny architecture (``models.checkpoint.save_params``); nothing is downloaded. Tokens are
 bytes (the tiny models have a 256-token vocabulary), so interactive replies are
-arbitrary bytes: what the loop shows is the machinery and its numbers.
+arbitrary bytes (shown as ASCII, "." for the rest): what the loop shows is the
+machinery and its numbers.
 """
 
 from __future__ import annotations
@@ -61,6 +62,20 @@ def serve_workload(model, args) -> None:
     )
     if model.cfg.vision_dim is None:  # a text-only model: the same questions, no images
         trace = [dataclasses.replace(r, images=()) for r in trace]
+    fits = [r for r in trace if len(r.prompt_token_ids) < args.max_model_len]
+    cut = sum(len(r.prompt_token_ids) + r.output_len > args.max_model_len for r in fits)
+    trace = [  # outputs end at max_model_len
+        dataclasses.replace(
+            r, output_len=min(r.output_len, args.max_model_len - len(r.prompt_token_ids))
+        )
+        for r in fits
+    ]
+    if cut or len(trace) < args.requests:
+        print(
+            f"max_model_len {args.max_model_len}: {args.requests - len(trace)} requests left "
+            f"out, {cut} with fewer output tokens",
+            file=sys.stderr,
+        )
     reports = []
     for allocator in ["jenga", "paged"] if args.compare else ["jenga"]:
         engine = build_engine(model, args, allocator)
@@ -92,14 +107,14 @@ def interactive(model, args) -> None:
     params = SamplingParams(
         temperature=args.temperature or 0.8, top_p=0.95, max_tokens=args.max_tokens, seed=None
     )
-    print("type a prompt, then Enter (empty line or EOF quits); replies are bytes", file=sys.stderr)
+    print("type a prompt, then Enter (empty line or EOF quits)", file=sys.stderr)
     for line in sys.stdin:
         text = line.rstrip("\n")
         if not text:
             break
         prompt = list(text.encode("utf-8"))
-        for token in engine.stream(prompt, params):
-            sys.stdout.write(bytes([token]).decode("latin-1"))
+        for token in engine.stream(prompt, params):  # printable ASCII as is, else "."
+            sys.stdout.write(chr(token) if 32 <= token < 127 else ".")
             sys.stdout.flush()
         sys.stdout.write("\n")
 

@@ -8,6 +8,7 @@ import functools
 import pytest
 from flax import nnx
 
+from jenga_jax.core.errors import RequestError
 from jenga_jax.engine.engine_request import Status
 from jenga_jax.engine.llm_engine import Engine
 from jenga_jax.engine.sampling import SamplingParams
@@ -107,3 +108,16 @@ def test_scheduler_config_is_validated():
         SchedulerConfig(max_num_seqs=0)
     with pytest.raises(ValueError, match="max_prefill_chunk"):
         SchedulerConfig(max_prefill_chunk=-4)
+
+
+def test_append_tokens_is_for_waiting_requests_only():
+    eng = make()
+    add(eng, "a", 20)
+    eng.manager.append_tokens("a", [3, 4])  # waiting: fine
+    assert eng.manager.num_tokens("a") == 22
+    eng.scheduler.schedule()
+    with pytest.raises(RequestError, match="running"):
+        eng.manager.append_tokens("a", [5])
+    eng.manager.preempt("a")
+    with pytest.raises(RequestError, match="ints >= 0"):
+        eng.manager.append_tokens("a", [-1])

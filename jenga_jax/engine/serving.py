@@ -137,7 +137,7 @@ def run_trace(
     steps0, rows0 = engine.counters.steps, engine.counters.rows
     gen0, pre0 = engine.counters.generated_tokens, engine.scheduler.num_preemptions
     start = time.perf_counter()
-    i = 0
+    i, shown = 0, -1
     with CompileCounter() as compiles:
         while i < len(pending) or engine.has_unfinished():
             now = time.perf_counter() - start - stats_s
@@ -162,8 +162,9 @@ def run_trace(
             if stats.held_bytes:
                 wastes.append(stats.waste)
             stats_s += time.perf_counter() - t
-            if progress:
-                _progress(len(finish), len(pending))
+            if progress and len(finish) != shown:  # redraw when a request finishes
+                shown = len(finish)
+                _progress(shown, len(pending))
     if progress:
         sys.stderr.write("\n")
     duration = time.perf_counter() - start - stats_s
