@@ -245,6 +245,11 @@ class KVCacheManager:
     def is_running(self, request_id: str) -> bool:
         return self._get(request_id).running
 
+    def stream_start(self, request_id: str) -> int:
+        """Stream position (inline image placeholders included) where the tokens of the
+        last allocation start: 0 when that step computes the inline images too."""
+        return self._get(request_id).num_computed
+
     def append_tokens(self, request_id: str, token_ids: Sequence[int]) -> None:
         """Append known tokens to a waiting request (a preempted one's last sampled
         token), so that `lookup` sees them. Running requests append through `allocate`."""

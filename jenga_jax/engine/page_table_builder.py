@@ -156,8 +156,8 @@ def _slots(bt, lengths, tpp: int, width: int, spans: dict, what: str):
 
 def _stream_start(manager: KVCacheManager, request_id: str) -> int:
     """Stream position this step's computation starts at (0: the request computes its
-    inline images too). The manager keeps it in its private request state."""
-    return manager._get(request_id).num_computed
+    inline images too)."""
+    return manager.stream_start(request_id)
 
 
 def _cross_table(manager, rows, bt, tpp, enc, to_write, image_rows) -> KindTable:
