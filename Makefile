@@ -11,6 +11,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,plot]'
 	touch $@
 
+# Parity tests (tests/test_hf_*.py) need torch + transformers: torch only from a local
+# CPU wheel (--no-index: never a multi-GB CUDA download); without it those tests skip.
+$(VENV)/.hf: $(VENV)/.installed
+	( $(PY) -m pip install -q --no-index --no-deps torch==2.13.0 && \
+	  $(PY) -m pip install -q -e '.[hf]' ) || \
+	  echo "torch 2.13.0 CPU is not available locally: the transformers parity tests will skip"
+	touch $@
+
 demo: $(VENV)/.installed
 	$(PY) examples/serve.py --compare
 
@@ -23,7 +31,7 @@ report: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint $(VENV)/.hf
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed
