@@ -21,10 +21,11 @@ import sys
 
 from flax import nnx
 
+from jenga_jax.core.workloads import image_questions_like
 from jenga_jax.engine.llm_engine import Engine
 from jenga_jax.engine.sampling import SamplingParams
 from jenga_jax.engine.scheduler import SchedulerConfig
-from jenga_jax.engine.serving import demo_trace, format_table, run_trace
+from jenga_jax.engine.serving import format_table, run_trace
 from models import FAMILIES, HybridDecoder, tiny_config
 from models.checkpoint import load_params
 from models.random_init import perturb
@@ -53,11 +54,11 @@ def build_engine(model, args, allocator: str) -> Engine:
 
 
 def serve_workload(model, args) -> None:
-    trace = demo_trace(
+    trace = image_questions_like(
         args.requests,
         vocab_size=model.cfg.vocab_size,
         seed=args.seed,
-        image_tokens=args.image_tokens,
+        image_tokens_mean=args.image_tokens,
         arrival_rate=args.arrival_rate,
     )
     if model.cfg.vision_dim is None:  # a text-only model: the same questions, no images

@@ -121,3 +121,17 @@ def test_append_tokens_is_for_waiting_requests_only():
     eng.manager.preempt("a")
     with pytest.raises(RequestError, match="ints >= 0"):
         eng.manager.append_tokens("a", [-1])
+
+
+def test_an_older_request_short_of_pages_preempts_the_newest():
+    eng = make(num_large_pages=12)  # 16-token pages, one kind
+    add(eng, "a", 48)  # 3 full pages: its next token needs a 4th
+    for rid in ("b", "c", "d"):
+        add(eng, rid, 40)  # 3 pages each, room up to 48 tokens: the pool is full
+    while eng.scheduler.schedule().prefill or eng.scheduler.waiting:  # prefill everyone
+        pass
+    for rid in "abcd":
+        sampled(eng, rid)
+    step = eng.scheduler.schedule()
+    assert step.preempted == ("d",)  # not b or c, which are older
+    assert [r.request_id for r in step.decode] == ["a", "b", "c"]

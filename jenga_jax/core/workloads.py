@@ -9,6 +9,7 @@ Token ids are random ids in [0, vocab_size); only their sharing structure matter
   question's prompt repeats the document's exact ids, then its own question tokens.
 - `sharegpt_like`: chat turns of ~1085 prompt+output tokens; some are follow-ups whose
   prompt starts with an earlier turn's prompt and a pseudo-answer.
+- `image_questions_like`: questions about a few shared images (the serving demo).
 
 The trace format (`save_trace` / `load_trace`) is JSON Lines, one request per line:
 
@@ -256,10 +257,50 @@ def sharegpt_like(
     ]
 
 
+def image_questions_like(
+    num_requests: int = 48,
+    *,
+    seed: int = 0,
+    vocab_size: int = 32000,
+    num_images: int | None = None,
+    image_tokens_mean: float = 96,
+    system_len: int = 32,
+    question_len_mean: float = 24,
+    output_len_mean: float = 32,
+    arrival_rate: float | None = None,
+) -> list[TraceRequest]:
+    """Questions about a few images (the serving demo): a shared system prompt + a
+    question each, about one of `num_images` images (default: half the requests), so
+    later questions reuse an image's cached K/V. Lengths are Poisson around the means;
+    images sit outside the prompt (cross-attention models)."""
+    _check_common(num_requests, vocab_size, arrival_rate)
+    _check(system_len >= 0, f"system_len must be >= 0, got {system_len!r}")
+    rng = np.random.default_rng(seed)
+    n = num_requests
+    num_images = num_images or max(1, n // 2)
+    system = _tokens(rng, system_len, vocab_size)
+    sizes = _poisson_ints(rng, num_images, image_tokens_mean)
+    image = rng.integers(0, num_images, n)
+    questions = [_tokens(rng, k, vocab_size) for k in _poisson_ints(rng, n, question_len_mean)]
+    out = _poisson_ints(rng, n, output_len_mean)
+    times = _arrivals(rng, n, arrival_rate)
+    return [
+        TraceRequest(
+            f"questions-{i}",
+            tuple(system + questions[i]),
+            int(out[i]),
+            (ImageInput(f"img-{seed}-{image[i]}", int(sizes[image[i]])),),
+            arrival=times[i],
+        )
+        for i in range(n)
+    ]
+
+
 WORKLOADS: dict[str, Callable[..., list[TraceRequest]]] = {
     "mmmu": mmmu_like,
     "arxiv-qa": arxiv_qa_like,
     "sharegpt": sharegpt_like,
+    "image-questions": image_questions_like,
 }
 
 

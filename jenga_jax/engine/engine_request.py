@@ -46,12 +46,18 @@ class EngineRequest:
             finish_reason=self.finish_reason,
             num_cached_tokens=self.num_cached_tokens,
             num_preemptions=self.num_preemptions,
+            arrival_time=self.arrival_time,
+            first_token_time=self.first_token_time,
+            finish_time=self.finish_time,
         )
 
 
 @dataclasses.dataclass(frozen=True)
 class RequestOutput:
-    """What a request has produced: `new_token_ids` this step, `output_token_ids` so far."""
+    """What a request has produced: `new_token_ids` this step, `output_token_ids` so far.
+
+    Times are `time.perf_counter()` seconds: added, first token sampled, finished (None
+    until then); time to first token = first_token_time - arrival_time."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
@@ -61,3 +67,6 @@ class RequestOutput:
     finish_reason: str | None
     num_cached_tokens: int
     num_preemptions: int
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None

@@ -36,10 +36,8 @@ class EngineCounters:
 
     steps: int = 0
     rows: int = 0  # request rows over all steps (sum of batch sizes)
-    computed_tokens: int = 0  # prefill and decode tokens run on the device
     generated_tokens: int = 0
     finished_requests: int = 0
-    step_seconds: float = 0.0  # wall time inside step()
 
     @property
     def mean_batch_size(self) -> float:
@@ -233,7 +231,6 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one step. Returns an output for every request that got a token (with
         `finished` set for those that ended); empty when there was nothing to run."""
-        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.num_rows == 0:
             return []
@@ -246,7 +243,6 @@ class Engine:
         c = self.counters
         c.steps += 1
         c.rows += len(rows)
-        c.computed_tokens += sum(r.num_tokens for r in rows)
         ends = [r.start + r.num_tokens for r in rows]
         sampling = [
             i for i, r in enumerate(rows) if ends[i] == self.manager.num_tokens(r.request_id)
@@ -274,7 +270,6 @@ class Engine:
                 if reason:
                     self._finish(req, reason)
                 outputs.append(req.output((token,)))
-        c.step_seconds += time.perf_counter() - t0
         return outputs
 
     def generate(

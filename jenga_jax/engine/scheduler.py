@@ -155,8 +155,10 @@ class Scheduler:
                     preempted.append(req.request_id)
                     return None
 
-        decoding = [r for r in self.running if self._computed(r) == self._known(r) - 1]
-        prefilling = [r for r in self.running if r not in decoding]
+        decoding, prefilling = [], []
+        for r in self.running:
+            one_left = self._computed(r) == self._known(r) - 1
+            (decoding if one_left else prefilling).append(r)
         for req in decoding:
             if budget == 0 or len(decode) == cfg.max_num_seqs:
                 break

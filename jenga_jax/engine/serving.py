@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jenga_jax.core.request import ImageInput, TraceRequest
+from jenga_jax.core.request import TraceRequest
 from jenga_jax.engine.compile_counter import CompileCounter
 from jenga_jax.engine.llm_engine import Engine
 from jenga_jax.engine.model_runner import Image
@@ -30,44 +30,6 @@ def image_embeds(content_hash: str, num_tokens: int, vision_dim: int, dtype="flo
     seed = int.from_bytes(hashlib.blake2b(content_hash.encode(), digest_size=8).digest(), "little")
     rng = np.random.default_rng(seed)
     return rng.normal(0.0, 1.0, (num_tokens, vision_dim)).astype(dtype)
-
-
-def demo_trace(
-    num_requests: int,
-    *,
-    vocab_size: int,
-    seed: int = 0,
-    num_images: int | None = None,
-    image_tokens: int = 96,
-    system_len: int = 32,
-    question_len: int = 24,
-    output_len: int = 32,
-    arrival_rate: float | None = None,
-) -> list[TraceRequest]:
-    """Questions about images: each request = a shared system prompt + its question,
-    about one image drawn from `num_images` (default: half the requests), so later
-    questions about an image reuse its cached K/V. Lengths are Poisson around the means."""
-    rng = np.random.default_rng(seed)
-    num_images = num_images or max(1, num_requests // 2)
-    system = rng.integers(0, vocab_size, system_len).tolist()
-    sizes = np.maximum(rng.poisson(image_tokens, num_images), 1)
-    t = 0.0
-    trace = []
-    for i in range(num_requests):
-        img = int(rng.integers(num_images))
-        question = rng.integers(0, vocab_size, max(1, rng.poisson(question_len))).tolist()
-        if arrival_rate:
-            t += float(rng.exponential(1.0 / arrival_rate))
-        trace.append(
-            TraceRequest(
-                f"demo-{i}",
-                tuple(system + question),
-                max(1, int(rng.poisson(output_len))),
-                (ImageInput(f"demo-img-{seed}-{img}", int(sizes[img])),),
-                arrival=t,
-            )
-        )
-    return trace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +92,7 @@ def run_trace(
 
     on_output(request_id, output_token_ids) is called as each request finishes."""
     pending = sorted(engine_requests(engine, trace, temperature=temperature), key=lambda r: r[0])
-    first, finish, ntok, arrived_at = {}, {}, {}, {}
+    done = []  # finished outputs (they carry their request's times)
     wastes = []
     stats_s = 0.0
     hits0, queried0 = engine.manager.hit_tokens, engine.manager.queried_tokens
@@ -144,7 +106,6 @@ def run_trace(
             while i < len(pending) and pending[i][0] <= now:
                 _, prompt, params, images, rid = pending[i]
                 engine.add_request(prompt, params, images, request_id=rid)
-                arrived_at[rid] = time.perf_counter()
                 i += 1
             if not engine.has_unfinished():  # idle until the next arrival
                 time.sleep(max(0.0, pending[i][0] - now))
@@ -152,24 +113,26 @@ def run_trace(
             outputs = engine.step()
             t = time.perf_counter()
             for o in outputs:
-                first.setdefault(o.request_id, t)
                 if o.finished:
-                    finish[o.request_id] = t
-                    ntok[o.request_id] = len(o.output_token_ids)
+                    done.append(o)
                     if on_output is not None:
                         on_output(o.request_id, o.output_token_ids)
             stats = engine.manager.stats()
             if stats.held_bytes:
                 wastes.append(stats.waste)
             stats_s += time.perf_counter() - t
-            if progress and len(finish) != shown:  # redraw when a request finishes
-                shown = len(finish)
+            if progress and len(done) != shown:  # redraw when a request finishes
+                shown = len(done)
                 _progress(shown, len(pending))
     if progress:
         sys.stderr.write("\n")
     duration = time.perf_counter() - start - stats_s
-    ttft = [first[r] - arrived_at[r] for r in finish]
-    tpot = [(finish[r] - first[r]) / (ntok[r] - 1) for r in finish if ntok[r] > 1]
+    ttft = [o.first_token_time - o.arrival_time for o in done]
+    tpot = [
+        (o.finish_time - o.first_token_time) / (len(o.output_token_ids) - 1)
+        for o in done
+        if len(o.output_token_ids) > 1
+    ]
     c = engine.counters
     steps = c.steps - steps0
     generated = c.generated_tokens - gen0
@@ -180,7 +143,7 @@ def run_trace(
         allocator=engine.runner.plan.allocator,
         num_requests=len(pending),
         duration_s=duration,
-        requests_per_s=len(finish) / duration,
+        requests_per_s=len(done) / duration,
         tokens_per_s=generated / duration,
         mean_batch_size=(c.rows - rows0) / steps if steps else 0.0,
         steps=steps,
