@@ -1,6 +1,6 @@
 """Flax NNX hybrid decoders over the shared paged KV pool."""
 
-from models.config import DecoderConfig, MambaConfig, RopeConfig
+from models.config import DecoderConfig, MambaConfig, MoEConfig, RopeConfig
 from models.decoder import HybridDecoder
 from models.families import FAMILIES, tiny_config
 
@@ -9,6 +9,7 @@ __all__ = [
     "DecoderConfig",
     "HybridDecoder",
     "MambaConfig",
+    "MoEConfig",
     "RopeConfig",
     "tiny_config",
 ]

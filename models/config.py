@@ -16,7 +16,9 @@ from jenga_jax.core.layer_kinds import (
 )
 from jenga_jax.core.layout import ModelLayout
 
-ROPE_SCALINGS = (None, "linear", "llama3")
+ROPE_SCALINGS = (None, "linear", "llama3", "yarn")
+ROUTERS = ("softmax", "topk_softmax")
+EXPERT_ACTIVATIONS = ("silu", "clamped_swiglu")
 ACTIVATIONS = ("silu", "gelu_tanh")
 NORMS = ("rms", "gemma")  # gemma: scale by (1 + w)
 
@@ -24,11 +26,15 @@ NORMS = ("rms", "gemma")  # gemma: scale by (1 + w)
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10_000.0
-    scaling: str | None = None  # None, "linear" or "llama3"
+    scaling: str | None = None  # None, "linear", "llama3" or "yarn"
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
-    original_max_position: int = 8192  # llama3 only
+    original_max_position: int = 8192  # llama3 and yarn
+    beta_fast: float = 32.0  # yarn only
+    beta_slow: float = 1.0  # yarn only
+    truncate: bool = True  # yarn only: round the ramp's ends to whole dims
+    attention_factor: float | None = None  # yarn: cos/sin scale (None: 0.1 ln(factor) + 1)
 
     def __post_init__(self):
         if self.scaling not in ROPE_SCALINGS:
@@ -48,6 +54,33 @@ class MambaConfig:
     expand: int = 2
     dt_rank: int = 8
     inner_layernorms: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts MLP: each token goes to `top_k` of `num_experts` gated MLPs.
+
+    router "softmax": softmax over all experts, then the top k (Jamba; Mixtral with
+    `renormalize`); "topk_softmax": the top k logits, then softmax over them (gpt-oss).
+    activation "silu": down(silu(gate x) * up x); "clamped_swiglu": gpt-oss's variant.
+    """
+
+    num_experts: int
+    top_k: int
+    expert_dim: int
+    router: str = "softmax"
+    renormalize: bool = False
+    router_bias: bool = False
+    expert_bias: bool = False
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702  # clamped_swiglu only
+    swiglu_limit: float = 7.0  # clamped_swiglu only
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.num_experts or self.expert_dim < 1:
+            raise ValueError(f"MoE needs 1 <= top_k <= num_experts and expert_dim >= 1: {self}")
+        if self.router not in ROUTERS or self.activation not in EXPERT_ACTIVATIONS:
+            raise ValueError(f"MoE router in {ROUTERS}, activation in {EXPERT_ACTIVATIONS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +113,9 @@ class DecoderConfig:
     norm_eps: float = 1e-6
     mamba: MambaConfig | None = None  # STATE layers
     vision_dim: int | None = None  # CROSS layers: width of the image embeddings given
+    moe: MoEConfig | None = None  # the MLP of the layers in `moe_layers`
+    moe_layers: tuple[int, ...] = ()
+    embed_rows: int | None = None  # embedding rows when inputs have extra ids (mllama)
     max_seq_len: int = 4096
     dtype: str = "float32"  # parameters and activations
 
@@ -98,6 +134,13 @@ class DecoderConfig:
             raise ValueError(f"{self.name}: `mamba` must be set iff there are state (Mamba) layers")
         if (CROSS in types) != (self.vision_dim is not None):
             raise ValueError(f"{self.name}: `vision_dim` must be set iff there are cross layers")
+        object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
+        if bool(self.moe_layers) != (self.moe is not None) or not all(
+            0 <= i < len(self.layer_types) for i in self.moe_layers
+        ):
+            raise ValueError(f"{self.name}: `moe` must be set iff moe_layers (valid indices) are")
+        if self.embed_rows is not None and self.embed_rows < self.vocab_size:
+            raise ValueError(f"{self.name}: embed_rows must be >= vocab_size")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.name}: num_heads must be a multiple of num_kv_heads")
         if self.norm not in NORMS or self.activation not in ACTIVATIONS:
@@ -112,6 +155,10 @@ class DecoderConfig:
     @property
     def scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.embed_rows or self.vocab_size
 
     @property
     def d_inner(self) -> int:

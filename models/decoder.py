@@ -23,7 +23,7 @@ class HybridDecoder(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = nnx.Param(
-            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), cfg.dtype)
+            jax.random.normal(rngs.params(), (cfg.num_embeddings, cfg.d_model), cfg.dtype)
         )
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = make_norm(cfg)
@@ -46,7 +46,10 @@ class HybridDecoder(nnx.Module):
 
     def logits(self, hidden):
         """hidden [..., d_model] -> float32 logits [..., vocab] (Gemma-2 final soft-cap)."""
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        if self.lm_head is None:
+            head = self.embed[...][: self.cfg.vocab_size].T  # [d_model, vocab]
+        else:
+            head = self.lm_head[...]
         out = jnp.einsum("...d,dv->...v", hidden, head, precision=_HIGHEST).astype(jnp.float32)
         cap = self.cfg.final_soft_cap
         return out if cap is None else cap * jnp.tanh(out / cap)

@@ -8,25 +8,11 @@ from flax import nnx
 
 from jenga_jax.device.mamba import MambaParams
 from models.config import CROSS, STATE, DecoderConfig
+from models.linear import Dense, normal_init
+from models.moe import MoE
 from models.rope import apply_rope
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _normal(rngs: nnx.Rngs, shape, fan_in: int, dtype: str):
-    return jax.random.normal(rngs.params(), shape, dtype) * fan_in**-0.5
-
-
-class Dense(nnx.Module):
-    """x [..., d_in] -> [..., d_out] (optional bias)."""
-
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype: str, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), d_in, dtype))
-        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
-
-    def __call__(self, x):
-        y = jnp.einsum("...i,io->...o", x, self.kernel[...], precision=_HIGHEST)
-        return y if self.bias is None else y + self.bias[...]
 
 
 class RMSNorm(nnx.Module):
@@ -142,16 +128,16 @@ class Mamba(nnx.Module):
         m, d, di, dt = cfg.mamba, cfg.d_model, cfg.d_inner, cfg.dtype
         self.layer = layer
         self.eps = cfg.norm_eps
-        self.in_proj = nnx.Param(_normal(rngs, (d, 2 * di), d, dt))
-        self.conv_w = nnx.Param(_normal(rngs, (di, m.d_conv), m.d_conv, dt))
+        self.in_proj = nnx.Param(normal_init(rngs, (d, 2 * di), d, dt))
+        self.conv_w = nnx.Param(normal_init(rngs, (di, m.d_conv), m.d_conv, dt))
         self.conv_b = nnx.Param(jnp.zeros((di,), dt))
-        self.x_proj = nnx.Param(_normal(rngs, (di, m.dt_rank + 2 * m.d_state), di, dt))
-        self.dt_proj_w = nnx.Param(_normal(rngs, (m.dt_rank, di), m.dt_rank, dt))
+        self.x_proj = nnx.Param(normal_init(rngs, (di, m.dt_rank + 2 * m.d_state), di, dt))
+        self.dt_proj_w = nnx.Param(normal_init(rngs, (m.dt_rank, di), m.dt_rank, dt))
         self.dt_proj_b = nnx.Param(jnp.full((di,), -2.0, dt))
         a = jnp.broadcast_to(jnp.arange(1, m.d_state + 1, dtype=dt), (di, m.d_state))
         self.A_log = nnx.Param(jnp.log(a))
         self.D = nnx.Param(jnp.ones((di,), dt))
-        self.out_proj = nnx.Param(_normal(rngs, (di, d), di, dt))
+        self.out_proj = nnx.Param(normal_init(rngs, (di, d), di, dt))
         norms = m.inner_layernorms
         self.dt_norm = nnx.Param(jnp.ones((m.dt_rank,), dt)) if norms else None
         self.b_norm = nnx.Param(jnp.ones((m.d_state,), dt)) if norms else None
@@ -191,7 +177,10 @@ class Block(nnx.Module):
         self.post_norm = make_norm(cfg) if cfg.sandwich_norms else None
         self.pre_mlp_norm = make_norm(cfg)
         self.post_mlp_norm = make_norm(cfg) if cfg.sandwich_norms else None
-        self.mlp = MLP(cfg, rngs=rngs)
+        if layer in cfg.moe_layers:
+            self.mlp = MoE(cfg, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, cache):
         """x [B, T, d_model]; positions int [B, T] -> (cache, x)."""

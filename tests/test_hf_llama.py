@@ -12,8 +12,9 @@ torch = pytest.importorskip("torch", reason="parity tests need the hf extra (tor
 transformers = pytest.importorskip("transformers", reason="parity tests need transformers")
 pytest.importorskip("safetensors", reason="parity tests need safetensors")
 
-from jenga_jax import Engine, SamplingParams  # noqa: E402 (after the skips)
-from models.hf_checkpoint import CheckpointError, load_hf_checkpoint  # noqa: E402
+from hf_parity import engine_greedy, hf_greedy, perturb, relative_error, save  # noqa: E402
+
+from models.hf import CheckpointError, load_hf_checkpoint  # noqa: E402 (after the skips)
 
 VOCAB = 128
 
@@ -28,13 +29,13 @@ def hf_model():
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                           high_freq_factor=4.0, original_max_position_embeddings=64),
     )  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return perturb(torch, transformers.LlamaForCausalLM(cfg))
 
 
 @pytest.fixture(scope="module")
 def checkpoint(hf_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
-    hf_model.save_pretrained(path, max_shard_size="100KB")  # several shards + index
+    save(hf_model, path, max_shard_size="100KB")  # several shards + index
     assert (path / "model.safetensors.index.json").is_file()
     return path
 
@@ -44,21 +45,13 @@ def test_logits_match_transformers(hf_model, checkpoint):
     ids = np.random.default_rng(0).integers(0, VOCAB, (2, 48))
     with torch.no_grad():
         ref = hf_model(torch.tensor(ids)).logits.float().numpy()
-    got = np.asarray(ours.forward_dense(ids))
-    assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-4
+    assert relative_error(ours.forward_dense(ids), ref) <= 1e-4
 
 
 def test_paged_engine_generates_what_transformers_generates(hf_model, checkpoint):
-    engine = Engine(load_hf_checkpoint(checkpoint), num_large_pages=64, max_model_len=128)
     prompts = np.random.default_rng(1).integers(0, VOCAB, (3, 20))
-    params = SamplingParams(temperature=0.0, max_tokens=32)
-    outs = engine.generate([p.tolist() for p in prompts], params)
-    with torch.no_grad():
-        ref = hf_model.generate(
-            torch.tensor(prompts), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
-            max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0,
-        )[:, prompts.shape[1] :].numpy()  # fmt: skip
-    assert [list(o.output_token_ids) for o in outs] == ref.tolist()
+    got = engine_greedy(load_hf_checkpoint(checkpoint), prompts, 32)
+    assert got == hf_greedy(torch, hf_model, prompts, 32)
 
 
 def test_bad_checkpoints_are_named(checkpoint, tmp_path):

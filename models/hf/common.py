@@ -1,0 +1,112 @@
+"""What every Hugging Face family shares: errors, config.json reading, RoPE options,
+and `Target`, the description of where one checkpoint tensor goes in the flax model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Callable
+
+import numpy as np
+
+from models.config import RopeConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint this code cannot load as it is (says which tensor or option)."""
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The checkpoint's config.json as a dict."""
+    file = pathlib.Path(path) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"no config.json in {path}")
+    return json.loads(file.read_text())
+
+
+def architecture(hf: dict) -> str:
+    return (hf.get("architectures") or ["?"])[0]
+
+
+def refuse_unless(hf: dict, **expected) -> None:
+    """Raise if config.json asks for an option the model code lacks (key != expected)."""
+    for key, value in expected.items():
+        if hf.get(key, value) != value:
+            raise CheckpointError(
+                f"{architecture(hf)}: {key}={hf[key]!r} is not implemented (only {value!r})"
+            )
+
+
+def rope_config(hf: dict, layer_type: str | None = None) -> RopeConfig:
+    """RoPE from config.json: `rope_parameters` (transformers >= 5; per layer type for
+    Gemma-3) or the older `rope_theta` and `rope_scaling`."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if layer_type is not None and layer_type in params:
+        params = params[layer_type]
+    theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    kind = params.get("rope_type", params.get("type"))
+    if kind in (None, "default"):
+        return RopeConfig(theta=theta)
+    if kind == "linear":
+        return RopeConfig(theta=theta, scaling="linear", factor=params["factor"])
+    if kind == "llama3":
+        return RopeConfig(
+            theta=theta,
+            scaling="llama3",
+            factor=params["factor"],
+            low_freq_factor=params["low_freq_factor"],
+            high_freq_factor=params["high_freq_factor"],
+            original_max_position=params["original_max_position_embeddings"],
+        )
+    if kind == "yarn":
+        if params.get("mscale") or params.get("mscale_all_dim"):
+            raise CheckpointError("yarn rope with mscale / mscale_all_dim is not implemented")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise CheckpointError("partial_rotary_factor != 1 is not implemented")
+        return RopeConfig(
+            theta=theta,
+            scaling="yarn",
+            factor=params["factor"],
+            original_max_position=params["original_max_position_embeddings"],
+            beta_fast=params.get("beta_fast") or 32.0,
+            beta_slow=params.get("beta_slow") or 1.0,
+            truncate=params.get("truncate", True),
+            attention_factor=params.get("attention_factor"),
+        )
+    raise CheckpointError(f"rope scaling {kind!r} is not implemented")
+
+
+Path = tuple[str | int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One checkpoint tensor's destination: the flax parameter at `path`, after
+    `transform` (numpy -> numpy), written whole or at `index` (e.g. one expert)."""
+
+    path: Path
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    index: tuple[int, ...] = ()
+
+    def apply(self, tensor: np.ndarray) -> np.ndarray:
+        return tensor if self.transform is None else self.transform(tensor)
+
+
+def transpose(tensor: np.ndarray) -> np.ndarray:
+    """torch Linear weight [out, in] -> flax kernel [in, out] (last two axes)."""
+    return np.swapaxes(tensor, -1, -2)
+
+
+def linear(path: Path) -> list[Target]:
+    """A torch Linear weight into the Dense at `path`."""
+    return [Target((*path, "kernel"), transpose)]
+
+
+def param(path: Path) -> list[Target]:
+    """A tensor stored as is (norm weights, biases, embeddings)."""
+    return [Target(path)]
+
+
+Targets = dict[str, list[Target]]
