@@ -4,12 +4,15 @@ python examples/serve.py                       # Llama-3.2-Vision-like model, 48
 python examples/serve.py --compare             # the same workload with the paged baseline too
 python examples/serve.py --family gemma3 --checkpoint /path/to/orbax_dir
 python examples/serve.py --interactive         # prompts from stdin, tokens streamed back
+python examples/serve.py --model /path/to/dir --interactive   # real weights, text
 
 The model has random weights unless --checkpoint names an orbax checkpoint of the same
-tiny architecture (``models.checkpoint.save_params``); nothing is downloaded. Tokens are
-bytes (the tiny models have a 256-token vocabulary), so interactive replies are
-arbitrary bytes (shown as ASCII, "." for the rest): what the loop shows is the
-machinery and its numbers.
+tiny architecture (``models.checkpoint.save_params``), or --model names a checkpoint
+directory: Hugging Face (config.json + safetensors) or converted to orbax (``python -m
+models.hf.convert``). Nothing is downloaded. With a tokenizer.json in that directory,
+interactive prompts and replies are text; otherwise tokens are bytes (the tiny models
+have a 256-token vocabulary) and replies are shown as ASCII ("." for the rest): what
+the loop then shows is the machinery and its numbers.
 """
 
 from __future__ import annotations
@@ -26,19 +29,24 @@ from jenga_jax.engine.llm_engine import Engine
 from jenga_jax.engine.sampling import SamplingParams
 from jenga_jax.engine.scheduler import SchedulerConfig
 from jenga_jax.engine.serving import format_table, run_trace
+from jenga_jax.engine.text import Tokenizer
 from models import FAMILIES, HybridDecoder, tiny_config
 from models.checkpoint import load_params
+from models.pretrained import load_pretrained
 from models.random_init import perturb
 
 
-def build_model(family: str, checkpoint: str | None, seed: int):
-    model = HybridDecoder(tiny_config(family), rngs=nnx.Rngs(seed))
-    if checkpoint:
-        return load_params(model, checkpoint)
-    return perturb(model, seed=seed)
+def build_model(args):
+    """(model, tokenizer or None) from --model, --checkpoint or the tiny --family."""
+    if args.model:
+        return load_pretrained(args.model, dtype=args.dtype), Tokenizer.from_dir(args.model)
+    model = HybridDecoder(tiny_config(args.family), rngs=nnx.Rngs(args.seed))
+    if args.checkpoint:
+        return load_params(model, args.checkpoint), None
+    return perturb(model, seed=args.seed), None
 
 
-def build_engine(model, args, allocator: str) -> Engine:
+def build_engine(model, args, allocator: str, tokenizer=None) -> Engine:
     return Engine(
         model,
         kv_budget_bytes=int(args.kv_budget_mib * 2**20),
@@ -50,6 +58,7 @@ def build_engine(model, args, allocator: str) -> Engine:
         max_model_len=args.max_model_len,
         max_encoder_tokens=args.max_encoder_tokens,
         seed=args.seed,
+        tokenizer=tokenizer,
     )
 
 
@@ -103,8 +112,8 @@ def serve_workload(model, args) -> None:
                 f.write(json.dumps(rep.row()) + "\n")
 
 
-def interactive(model, args) -> None:
-    engine = build_engine(model, args, "jenga")
+def interactive(model, args, tokenizer) -> None:
+    engine = build_engine(model, args, "jenga", tokenizer)
     params = SamplingParams(
         temperature=args.temperature or 0.8, top_p=0.95, max_tokens=args.max_tokens, seed=None
     )
@@ -113,9 +122,13 @@ def interactive(model, args) -> None:
         text = line.rstrip("\n")
         if not text:
             break
-        prompt = list(text.encode("utf-8"))
-        for token in engine.stream(prompt, params):  # printable ASCII as is, else "."
-            sys.stdout.write(chr(token) if 32 <= token < 127 else ".")
+        if tokenizer is not None:
+            pieces = engine.stream_text(text, params)
+        else:  # bytes in; printable ASCII out as is, else "."
+            tokens = engine.stream(list(text.encode("utf-8")), params)
+            pieces = (chr(t) if 32 <= t < 127 else "." for t in tokens)
+        for piece in pieces:
+            sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
 
@@ -123,7 +136,9 @@ def interactive(model, args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--family", default="llama-vision", choices=sorted(FAMILIES))
-    p.add_argument("--checkpoint", help="orbax checkpoint directory (models.checkpoint)")
+    p.add_argument("--checkpoint", help="orbax checkpoint of the tiny --family model")
+    p.add_argument("--model", help="checkpoint directory: Hugging Face or converted (orbax)")
+    p.add_argument("--dtype", help="--model's dtype (default: as stored)")
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--image-tokens", type=int, default=192, help="mean image tokens")
     p.add_argument("--arrival-rate", type=float, help="requests/s (default: all at once)")
@@ -140,9 +155,9 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="write one JSON line per allocator here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    model = build_model(args.family, args.checkpoint, args.seed)
+    model, tokenizer = build_model(args)
     if args.interactive:
-        interactive(model, args)
+        interactive(model, args, tokenizer)
     else:
         serve_workload(model, args)
 

@@ -14,6 +14,7 @@ _LAZY = {
     "RequestOutput": "jenga_jax.engine.engine_request",
     "SamplingParams": "jenga_jax.engine.sampling",
     "SchedulerConfig": "jenga_jax.engine.scheduler",
+    "Tokenizer": "jenga_jax.engine.text",
 }
 __all__ = ["__version__", *_LAZY]
 

@@ -23,14 +23,26 @@ def save_params(model: nnx.Module, path: str | os.PathLike) -> None:
         ckpt.save(path, nnx.state(model, nnx.Param))
 
 
-def load_params(model: nnx.Module, path: str | os.PathLike) -> nnx.Module:
-    """Restore parameters saved by `save_params` into `model` (in place); returns it."""
+def load_params(model: nnx.Module, path: str | os.PathLike, *, sharding=None) -> nnx.Module:
+    """Restore parameters saved by `save_params` into `model` (in place); returns it.
+
+    `model` may be abstract (``nnx.eval_shape``): nothing is allocated twice. sharding:
+    one ``jax.sharding.Sharding`` for every array, a function of (param path "a/b/c",
+    shape), or None (the default device)."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no orbax checkpoint directory at {path}")
     name = getattr(getattr(model, "cfg", None), "name", type(model).__name__)
     target = nnx.state(model, nnx.Param)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+
+    def spec(key_path, x):
+        where = sharding
+        if callable(sharding):
+            names = [getattr(k, "key", getattr(k, "idx", None)) for k in key_path]
+            where = sharding("/".join(str(n) for n in names if n is not None), x.shape)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)
+
+    abstract = jax.tree.map_with_path(spec, target)
     with ocp.StandardCheckpointer() as ckpt:
         try:
             restored = ckpt.restore(path, abstract)

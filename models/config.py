@@ -17,7 +17,7 @@ from jenga_jax.core.layer_kinds import (
 from jenga_jax.core.layout import ModelLayout
 
 ROPE_SCALINGS = (None, "linear", "llama3", "yarn")
-ROUTERS = ("softmax", "topk_softmax")
+ROUTERS = ("softmax", "topk_softmax", "topk_sigmoid")
 EXPERT_ACTIVATIONS = ("silu", "clamped_swiglu")
 ACTIVATIONS = ("silu", "gelu_tanh")
 NORMS = ("rms", "gemma")  # gemma: scale by (1 + w)
@@ -35,6 +35,7 @@ class RopeConfig:
     beta_slow: float = 1.0  # yarn only
     truncate: bool = True  # yarn only: round the ramp's ends to whole dims
     attention_factor: float | None = None  # yarn: cos/sin scale (None: 0.1 ln(factor) + 1)
+    interleaved: bool = False  # Llama-4: rotate adjacent pairs (x0, x1), not the two halves
 
     def __post_init__(self):
         if self.scaling not in ROPE_SCALINGS:
@@ -61,7 +62,10 @@ class MoEConfig:
     """A mixture-of-experts MLP: each token goes to `top_k` of `num_experts` gated MLPs.
 
     router "softmax": softmax over all experts, then the top k (Jamba; Mixtral with
-    `renormalize`); "topk_softmax": the top k logits, then softmax over them (gpt-oss).
+    `renormalize`); "topk_softmax": the top k logits, then softmax over them (gpt-oss);
+    "topk_sigmoid": sigmoid of the top k logits (Llama-4, with `weight_input`: the weight
+    scales the expert's input instead of its output). `shared_dim`: an always-on gated
+    MLP of that width added to the routed sum (Llama-4's shared expert).
     activation "silu": down(silu(gate x) * up x); "clamped_swiglu": gpt-oss's variant.
     """
 
@@ -75,6 +79,8 @@ class MoEConfig:
     activation: str = "silu"
     swiglu_alpha: float = 1.702  # clamped_swiglu only
     swiglu_limit: float = 7.0  # clamped_swiglu only
+    weight_input: bool = False  # Llama-4: expert(weight * x), not weight * expert(x)
+    shared_dim: int | None = None  # Llama-4: width of a shared (always used) expert
 
     def __post_init__(self):
         if not 1 <= self.top_k <= self.num_experts or self.expert_dim < 1:
@@ -105,6 +111,8 @@ class DecoderConfig:
     sinks: bool = False  # gpt-oss: one learned sink logit per query head
     attn_bias: bool = False  # gpt-oss: biases on q, k, v, o
     qk_norm: bool = False  # Gemma-3: RMSNorm of q and k over head_dim
+    rope_qk_l2_norm: bool = False  # Llama-4: weightless RMSNorm of q, k after RoPE (RoPE layers)
+    nope_temperature: tuple[float, float] | None = None  # Llama-4 NoPE q: (floor, attn_scale)
     norm: str = "rms"
     sandwich_norms: bool = False  # Gemma-2/3: norms after attention and MLP too
     embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
@@ -116,6 +124,7 @@ class DecoderConfig:
     moe: MoEConfig | None = None  # the MLP of the layers in `moe_layers`
     moe_layers: tuple[int, ...] = ()
     embed_rows: int | None = None  # embedding rows when inputs have extra ids (mllama)
+    image_token_id: int | None = None  # mllama: images need the prompt to start with it
     max_seq_len: int = 4096
     dtype: str = "float32"  # parameters and activations
 
@@ -141,6 +150,8 @@ class DecoderConfig:
             raise ValueError(f"{self.name}: `moe` must be set iff moe_layers (valid indices) are")
         if self.embed_rows is not None and self.embed_rows < self.vocab_size:
             raise ValueError(f"{self.name}: embed_rows must be >= vocab_size")
+        if self.image_token_id is not None and not 0 <= self.image_token_id < self.num_embeddings:
+            raise ValueError(f"{self.name}: image_token_id must be an embedding row")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.name}: num_heads must be a multiple of num_kv_heads")
         if self.norm not in NORMS or self.activation not in ACTIVATIONS:

@@ -34,6 +34,19 @@ def make_norm(cfg: DecoderConfig, dim: int | None = None) -> RMSNorm:
     return RMSNorm(dim or cfg.d_model, eps=cfg.norm_eps, gemma=cfg.norm == "gemma", dtype=cfg.dtype)
 
 
+def unit_rms(x, eps: float):
+    """Llama-4's weightless "L2" norm: x / sqrt(mean(x^2) + eps) over the last axis."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def nope_temperature(positions, floor_scale: float, attn_scale: float):
+    """Llama-4's query scale on NoPE layers, positions int [B, T] -> float32 [B, T, 1, 1]:
+    log(1 + floor((pos + 1) / floor_scale)) * attn_scale + 1."""
+    steps = jnp.floor((positions.astype(jnp.float32) + 1.0) / floor_scale)
+    return (jnp.log1p(steps) * attn_scale + 1.0)[:, :, None, None]
+
+
 class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x)), SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
 
@@ -79,6 +92,10 @@ class Attention(nnx.Module):
         rope = cfg.rope_for(self.kind)
         if rope is not None:
             q, k = apply_rope(q, positions, rope), apply_rope(k, positions, rope)
+            if cfg.rope_qk_l2_norm:
+                q, k = unit_rms(q, cfg.norm_eps), unit_rms(k, cfg.norm_eps)
+        elif cfg.nope_temperature is not None:
+            q = q * nope_temperature(positions, *cfg.nope_temperature).astype(q.dtype)
         cache, out = cache.attend(
             self.layer, q, k, v,
             kind=self.kind.value, window=cfg.window if self.kind.value == "sliding" else None,
@@ -159,8 +176,9 @@ class Mamba(nnx.Module):
 class Block(nnx.Module):
     """One decoder layer: norm -> mixer (-> norm) -> residual; norm -> MLP (-> norm) -> residual.
 
-    Cross layers gate both residual branches with tanh(gate), and leave rows without an
-    image unchanged (as Llama-3.2-Vision masks them).
+    Cross layers gate both residual branches with tanh(gate), and leave the rows of a
+    request without images unchanged (transformers' Mllama skips its cross layers when
+    given no image); every row of a request with images attends to all of them.
     """
 
     def __init__(self, cfg: DecoderConfig, layer: int, *, rngs: nnx.Rngs):

@@ -21,6 +21,9 @@ def route(logits, moe: MoEConfig):
     if moe.router == "topk_softmax":  # gpt-oss: softmax over the chosen logits
         top, experts = jax.lax.top_k(logits, moe.top_k)
         return jax.nn.softmax(top, axis=-1), experts
+    if moe.router == "topk_sigmoid":  # Llama-4: sigmoid of each chosen logit
+        top, experts = jax.lax.top_k(logits, moe.top_k)
+        return jax.nn.sigmoid(top), experts
     weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), moe.top_k)
     if moe.renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -38,7 +41,8 @@ def activate(gate, up, moe: MoEConfig):
 
 
 class MoE(nnx.Module):
-    """Routed experts: sum over the top k of weight * down(act(gate x, up x))."""
+    """Routed experts: sum over the top k of weight * down(act(gate x, up x)) (or of
+    down(act(gate wx, up wx)) with `weight_input`), plus the shared expert if any."""
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         m, d, dt = cfg.moe, cfg.d_model, cfg.dtype
@@ -50,6 +54,10 @@ class MoE(nnx.Module):
         self.down = nnx.Param(normal_init(rngs, (e, f, d), f, dt))
         bias = lambda n: nnx.Param(jnp.zeros((e, n), dt)) if m.expert_bias else None  # noqa: E731
         self.gate_bias, self.up_bias, self.down_bias = bias(f), bias(f), bias(d)
+        s, kw = m.shared_dim, dict(bias=False, dtype=dt, rngs=rngs)  # the shared expert
+        self.shared_gate = Dense(d, s, **kw) if s else None
+        self.shared_up = Dense(d, s, **kw) if s else None
+        self.shared_down = Dense(s, d, **kw) if s else None
 
     def __call__(self, x):
         """x [..., d_model] -> [..., d_model]."""
@@ -62,6 +70,10 @@ class MoE(nnx.Module):
         token_of_row = order // m.top_k  # [N*k]
         sizes = jnp.bincount(flat_experts, length=m.num_experts).astype(jnp.int32)  # [E]
         rows = flat_x[token_of_row]  # [N*k, d]
+        row_weight = weights.reshape(-1)[order].astype(flat_x.dtype)  # [N*k]
+        if m.weight_input:  # Llama-4: the expert's input is scaled, its output is not
+            rows = rows * row_weight[:, None]
+            row_weight = jnp.ones_like(row_weight)
 
         def grouped(a, w, bias):  # a [N*k, i], w [E, i, o] -> [N*k, o]
             out = jax.lax.ragged_dot(a, w[...], sizes, precision=_HIGHEST)
@@ -70,6 +82,8 @@ class MoE(nnx.Module):
         hidden = activate(grouped(rows, self.gate, self.gate_bias),
                           grouped(rows, self.up, self.up_bias), m)  # fmt: skip
         out_rows = grouped(hidden, self.down, self.down_bias)  # [N*k, d]
-        row_weight = weights.reshape(-1)[order].astype(out_rows.dtype)  # [N*k]
         out = jnp.zeros_like(flat_x).at[token_of_row].add(out_rows * row_weight[:, None])
+        if self.shared_gate is not None:
+            shared = activate(self.shared_gate(flat_x), self.shared_up(flat_x), m)
+            out = out + self.shared_down(shared)  # [N, d]
         return out.reshape(x.shape)

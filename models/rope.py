@@ -2,7 +2,8 @@
 
 Rotation in the Hugging Face convention: a head vector is split in two halves
 ``[x1, x2]`` and rotated as ``[x1 cos - x2 sin, x2 cos + x1 sin]`` with one angle per
-frequency, ``angle = position * inv_freq``.
+frequency, ``angle = position * inv_freq``. With ``RopeConfig.interleaved`` (Llama-4's
+complex form) the pairs are adjacent elements ``(x[2i], x[2i+1])`` instead.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def apply_rope(x, positions, rope: RopeConfig):
     cos = scale * jnp.cos(angle)[:, :, None, :]  # [B, S, 1, D/2]
     sin = scale * jnp.sin(angle)[:, :, None, :]
     xf = x.astype(jnp.float32)
+    if rope.interleaved:  # pairs (x[2i], x[2i+1]) times cos + i sin
+        pairs = xf.reshape(*xf.shape[:-1], -1, 2)  # [B, S, H, D/2, 2]
+        x1, x2 = pairs[..., 0], pairs[..., 1]
+        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return out.reshape(x.shape).astype(x.dtype)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)

@@ -37,17 +37,29 @@ def relative_error(got, ref) -> float:
 
 
 def hf_greedy(torch, model, prompts: np.ndarray, new_tokens: int, **inputs) -> list[list[int]]:
-    """transformers' greedy `generate` of exactly `new_tokens` tokens per prompt [B, T]."""
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor(prompts),
-            attention_mask=torch.ones(prompts.shape, dtype=torch.long),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-            **inputs,
-        )
+    """transformers' greedy `generate` of exactly `new_tokens` tokens per prompt [B, T].
+
+    No end-of-sequence id: the engine runs without stop ids, so neither side may stop
+    early or ban a token (`min_new_tokens` would forbid EOS in transformers)."""
+    configs = [model.generation_config, model.config, model.config.get_text_config()]
+    holders = [c for c in configs if hasattr(c, "eos_token_id")]
+    saved = [h.eos_token_id for h in holders]
+    try:  # a copied generation config with eos None falls back to the model's own ids
+        for h in holders:
+            h.eos_token_id = None
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor(prompts),
+                attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                **inputs,
+            )
+    finally:
+        for h, eos in zip(holders, saved):
+            h.eos_token_id = eos
+    assert out.shape[1] == prompts.shape[1] + new_tokens
     return out[:, prompts.shape[1] :].numpy().tolist()
 
 

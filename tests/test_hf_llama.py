@@ -13,7 +13,6 @@ transformers = pytest.importorskip("transformers", reason="parity tests need tra
 pytest.importorskip("safetensors", reason="parity tests need safetensors")
 
 from hf_parity import engine_greedy, hf_greedy, perturb, relative_error, save  # noqa: E402
-
 from models.hf import CheckpointError, load_hf_checkpoint  # noqa: E402 (after the skips)
 
 VOCAB = 128

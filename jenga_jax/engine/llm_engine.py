@@ -4,7 +4,9 @@
 decode rows and the prefill chunks as two jitted steps over the same pool, samples
 one token for every row that reached the end of its known tokens, and finishes
 requests on a stop token or at ``max_tokens``. ``generate`` and ``stream`` drive
-``step`` for you; ``abort`` frees a request's pages at once.
+``step`` for you; ``abort`` frees a request's pages at once. Given a ``Tokenizer``,
+prompts may be text, outputs carry ``text``, requests stop on its end-of-sequence ids,
+and ``stream_text`` yields text.
 
 Everything but the model steps and the sampler is host Python; the device sees one
 page table per step. With a fixed seed a request's tokens do not depend on batching,
@@ -28,6 +30,7 @@ from jenga_jax.engine.engine_request import EngineRequest, RequestOutput, Status
 from jenga_jax.engine.model_runner import Image, ModelRunner
 from jenga_jax.engine.sampling import UINT32, SamplerBatch, SamplingParams, finished
 from jenga_jax.engine.scheduler import Scheduler, SchedulerConfig
+from jenga_jax.engine.text import Tokenizer
 
 
 @dataclasses.dataclass
@@ -54,7 +57,8 @@ class Engine:
     so that every step has one of a few shapes (see :meth:`warmup`); max_encoder_tokens:
     most image tokens per request (models with cross attention); checkpoint_interval:
     state (Mamba) kinds keep a state every this many tokens, so prefixes can hit (None:
-    never; prefill chunks then end on checkpoints).
+    never; prefill chunks then end on checkpoints). tokenizer: a ``Tokenizer`` (text
+    prompts and outputs), or None (token ids only).
     """
 
     def __init__(
@@ -75,8 +79,10 @@ class Engine:
         debug: bool = False,
         pool_fill: float = 0.0,
         shuffle_seed: int | None = None,
+        tokenizer: Tokenizer | None = None,
     ):
         cfg = model.cfg
+        self.tokenizer = tokenizer
         self.cfg = cfg
         self.config = scheduler or SchedulerConfig()
         if not isinstance(seed, int) or not 0 <= seed < UINT32:
@@ -147,14 +153,15 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def add_request(
         self,
-        prompt_token_ids: Sequence[int],
+        prompt_token_ids: Sequence[int] | str,
         sampling_params: SamplingParams | None = None,
         images: Sequence[Image] | None = None,
         request_id: str | None = None,
     ) -> str:
-        """Queue a request; returns its id. Raises RequestError (nothing queued) when
-        the prompt, the parameters or the images are invalid, or when the request
-        could never fit in the pool."""
+        """Queue a request; returns its id. The prompt is token ids, or text when the
+        engine has a tokenizer. Raises RequestError (nothing queued) when the prompt,
+        the parameters or the images are invalid, or when the request could never fit
+        in the pool."""
         params = SamplingParams() if sampling_params is None else sampling_params
         if not isinstance(params, SamplingParams):
             raise RequestError(
@@ -169,7 +176,15 @@ class Engine:
             raise RequestError(f"request_id must be a non-empty str, got {request_id!r}")
         if request_id in self._requests:
             raise RequestError(f"request {request_id!r} already exists")
-        prompt = _token_ids(request_id, prompt_token_ids, self.cfg.vocab_size)
+        if isinstance(prompt_token_ids, str):
+            prompt_token_ids = self._encode(request_id, prompt_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_ids:
+            stops = params.stop_token_ids + tuple(
+                t for t in self.tokenizer.eos_token_ids if t not in params.stop_token_ids
+            )
+            params = dataclasses.replace(params, stop_token_ids=stops)
+            params.validate_for(self.cfg.vocab_size)
+        prompt = _token_ids(request_id, prompt_token_ids, self.cfg.num_embeddings)
         if len(prompt) + params.max_tokens > self.max_model_len:
             raise RequestError(
                 f"request {request_id!r}: {len(prompt)} prompt + {params.max_tokens} max_tokens "
@@ -195,13 +210,27 @@ class Engine:
         self.scheduler.add(req)
         return request_id
 
+    def _encode(self, request_id: str, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError(
+                f"request {request_id!r}: a text prompt needs a tokenizer (Engine(tokenizer=...)); "
+                "this engine takes token ids"
+            )
+        return self.tokenizer.encode(text)
+
+    def _output(self, req: EngineRequest, new_token_ids: tuple[int, ...] = ()) -> RequestOutput:
+        out = req.output(new_token_ids)
+        if self.tokenizer is None:
+            return out
+        return dataclasses.replace(out, text=self.tokenizer.decode(out.output_token_ids))
+
     def abort(self, request_id: str) -> RequestOutput:
         """Stop a waiting or running request now and free its pages."""
         req = self._requests.get(request_id)
         if req is None:
             raise RequestError(f"unknown request {request_id!r} (never added, or already finished)")
         self._finish(req, "abort")
-        return req.output()
+        return self._output(req)
 
     def warmup(self) -> int:
         """Compile every step shape now (see ``engine.warmup``); returns how many."""
@@ -269,12 +298,12 @@ class Engine:
                 reason = finished(token, req.params, len(req.output_token_ids))
                 if reason:
                     self._finish(req, reason)
-                outputs.append(req.output((token,)))
+                outputs.append(self._output(req, (token,)))
         return outputs
 
     def generate(
         self,
-        prompts: Sequence[Sequence[int]],
+        prompts: Sequence[Sequence[int] | str],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         images: Sequence[Sequence[Image] | None] | None = None,
     ) -> list[RequestOutput]:
@@ -300,11 +329,11 @@ class Engine:
         reqs = [self._requests[rid] for rid in ids]
         while any(r.status is not Status.FINISHED for r in reqs):
             self.step()
-        return [r.output() for r in reqs]
+        return [self._output(r) for r in reqs]
 
     def stream(
         self,
-        prompt_token_ids: Sequence[int],
+        prompt_token_ids: Sequence[int] | str,
         sampling_params: SamplingParams | None = None,
         images: Sequence[Image] | None = None,
         request_id: str | None = None,
@@ -323,6 +352,29 @@ class Engine:
         finally:
             if req.status is not Status.FINISHED:
                 self.abort(rid)
+
+    def stream_text(
+        self,
+        prompt: str,
+        sampling_params: SamplingParams | None = None,
+        images: Sequence[Image] | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[str]:
+        """Yield the reply's text as it grows (needs a tokenizer). A piece is held back
+        while it ends in an incomplete character. Closing early aborts the request."""
+        if self.tokenizer is None:
+            raise RequestError("stream_text needs a tokenizer (Engine(tokenizer=...))")
+        tokens: list[int] = []
+        sent = ""
+        for token in self.stream(prompt, sampling_params, images, request_id):
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens)
+            if not text.endswith("\ufffd") and text.startswith(sent) and text != sent:
+                yield text[len(sent) :]
+                sent = text
+        text = self.tokenizer.decode(tokens)
+        if text.startswith(sent) and text != sent:  # a last incomplete character
+            yield text[len(sent) :]
 
 
 def _pow2_up_to(n: int, lo: int = 1) -> tuple[int, ...]:

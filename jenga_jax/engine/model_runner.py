@@ -148,9 +148,9 @@ class ModelRunner:
                 f"request {request_id!r}: {len(prompt)} prompt + {max_new_tokens} new tokens "
                 f"exceed the model's maximum length {cfg.max_seq_len}"
             )
-        if any(not 0 <= t < cfg.vocab_size for t in prompt):
+        if any(not 0 <= t < cfg.num_embeddings for t in prompt):  # extra rows: e.g. <|image|>
             raise RequestError(
-                f"request {request_id!r}: token ids must be in [0, {cfg.vocab_size})"
+                f"request {request_id!r}: token ids must be in [0, {cfg.num_embeddings})"
             )
         images = list(images)
         if images and cfg.vision_dim is None:
@@ -161,6 +161,14 @@ class ModelRunner:
                 raise RequestError(
                     f"request {request_id!r}: image {im.content_hash!r} embeddings must be "
                     f"[num_tokens >= 1, {cfg.vision_dim}], got {list(e.shape)}"
+                )
+        if images and cfg.image_token_id is not None:  # mllama: the layout it computes exactly
+            marks = [i for i, t in enumerate(prompt) if t == cfg.image_token_id]
+            if len(images) != 1 or marks != [0]:
+                raise RequestError(
+                    f"request {request_id!r}: {cfg.name} takes one image per request, with "
+                    f"its image token {cfg.image_token_id} first in the prompt and nowhere "
+                    f"else; got {len(images)} images, image tokens at {marks[:8]}"
                 )
         host_images = [ImageInput(im.content_hash, len(im.embeds)) for im in images]
         rid = self.manager.add_request(

@@ -10,10 +10,10 @@ from __future__ import annotations
 import types
 
 from models.config import DecoderConfig
-from models.hf import llama
+from models.hf import gemma, gpt_oss, jamba, llama, llama4, mistral, mllama
 from models.hf.common import CheckpointError, architecture
 
-FAMILIES: tuple[types.ModuleType, ...] = (llama,)
+FAMILIES: tuple[types.ModuleType, ...] = (llama, jamba, gpt_oss, mistral, gemma, llama4, mllama)
 
 
 def supported_architectures() -> tuple[str, ...]:
@@ -39,3 +39,7 @@ def decoder_config(hf: dict, dtype: str = "float32") -> DecoderConfig:
         return family.decoder_config(hf, dtype)
     except KeyError as e:
         raise CheckpointError(f"{architecture(hf)}: config.json has no {e.args[0]!r}") from e
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as e:  # the config classes' own checks
+        raise CheckpointError(f"{architecture(hf)}: config.json is not usable: {e}") from e
