@@ -32,7 +32,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 test: lint $(VENV)/.hf
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/memory.py --json memory.jsonl

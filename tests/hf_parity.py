@@ -31,9 +31,11 @@ def save(model, path, *, max_shard_size: str | None = None):
 
 
 def relative_error(got, ref) -> float:
-    """max |got - ref| / max |ref|."""
+    """max |got - ref| / max |ref| (printed: `pytest -rP tests/test_hf_*.py` shows it)."""
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
+    error = float(np.abs(got - ref).max() / np.abs(ref).max())
+    print(f"relative error {error:.2e}")
+    return error
 
 
 def hf_greedy(torch, model, prompts: np.ndarray, new_tokens: int, **inputs) -> list[list[int]]:
