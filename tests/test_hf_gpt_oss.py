@@ -21,7 +21,12 @@ pytest.importorskip("safetensors", reason="parity tests need safetensors")
 from hf_parity import engine_greedy, hf_greedy, perturb, relative_error, save  # noqa: E402
 from jenga_jax.core.registry import get_config, get_layout  # noqa: E402
 from models.config import FULL, SLIDING  # noqa: E402
-from models.hf import CheckpointError, decoder_config, load_hf_checkpoint  # noqa: E402
+from models.hf import (  # noqa: E402
+    CheckpointError,
+    decoder_config,
+    load_hf_checkpoint,
+    mxfp4,  # noqa: E402
+)
 from models.rope import attention_factor, inv_frequencies  # noqa: E402
 
 VOCAB = 128
@@ -148,6 +153,48 @@ def test_layout_of_the_published_config_equals_the_registry(name):
     assert decoder_config(old_style).rope == cfg.rope
 
 
+def mxfp4_checkpoint(checkpoint, dst):
+    """The checkpoint with every expert weight stored as MXFP4 blocks and scales, as the
+    published gpt-oss checkpoints are (quantized here with models.hf.mxfp4.quantize)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = {}
+    for file in checkpoint.glob("*.safetensors"):
+        tensors.update(load_file(file))
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = mxfp4.quantize(tensors.pop(name))
+    dst.mkdir()
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((checkpoint / "config.json").read_text())
+    unquantized = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens"]
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [*unquantized, "lm_head"],
+    }
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_mxfp4_experts_load_as_transformers_loads_them(hf_model, checkpoint, tmp_path):
+    quantized = mxfp4_checkpoint(checkpoint, tmp_path / "mxfp4")
+    ours = load_hf_checkpoint(quantized)
+    ref_model = transformers.GptOssForCausalLM.from_pretrained(
+        quantized, quantization_config=transformers.Mxfp4Config(dequantize=True),
+        dtype=torch.float32,
+    ).eval()  # fmt: skip
+    ids = np.random.default_rng(2).integers(0, VOCAB, (2, 40))
+    got = ours.forward_dense(ids)
+    assert relative_error(got, hf_logits(ref_model, ids)) <= 1e-4
+    assert relative_error(got, hf_logits(hf_model, ids)) > 1e-2  # MXFP4 values were read
+    blocks, scales = mxfp4.quantize(np.random.default_rng(3).normal(size=(2, 64, 48)))
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    ref = convert_moe_packed_tensors(
+        torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32
+    )
+    assert np.array_equal(mxfp4.dequantize(blocks, scales), ref.numpy())
+
+
 def copy_checkpoint(src, dst):
     dst.mkdir()
     for f in src.iterdir():
@@ -168,7 +215,10 @@ def test_bad_checkpoints_are_named(checkpoint, tmp_path):
 
     refused("mscale", rope_parameters={**config["rope_parameters"], "mscale": 1.0})
     refused("hidden_act='gelu' is not implemented", hidden_act="gelu")
-    refused("quantization_config \\(mxfp4\\)", quantization_config={"quant_method": "mxfp4"})
+    refused(
+        "quantization_config \\(bitsandbytes\\)",
+        quantization_config={"quant_method": "bitsandbytes"},
+    )
     refused("chunked_attention", layer_types=["chunked_attention"] + config["layer_types"][1:])
     refused("no sliding_window", sliding_window=None)
 

@@ -84,14 +84,18 @@ Path = tuple[str | int, ...]
 @dataclasses.dataclass(frozen=True)
 class Target:
     """One checkpoint tensor's destination: the flax parameter at `path`, after
-    `transform` (numpy -> numpy), written whole or at `index` (e.g. one expert)."""
+    `transform` (numpy -> numpy), written whole or at `index` (e.g. one expert).
+
+    `also_reads` names more checkpoint tensors the transform takes after the first
+    (e.g. MXFP4 scales beside their blocks); they count as used."""
 
     path: Path
-    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    transform: Callable[..., np.ndarray] | None = None
     index: tuple[int, ...] = ()
+    also_reads: tuple[str, ...] = ()
 
-    def apply(self, tensor: np.ndarray) -> np.ndarray:
-        return tensor if self.transform is None else self.transform(tensor)
+    def apply(self, tensor: np.ndarray, *more: np.ndarray) -> np.ndarray:
+        return tensor if self.transform is None else self.transform(tensor, *more)
 
 
 def transpose(tensor: np.ndarray) -> np.ndarray:

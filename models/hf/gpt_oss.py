@@ -9,6 +9,7 @@ already [in, out] (no transpose), and their biases [E, 2f], [E, d].
 from __future__ import annotations
 
 from models.config import FULL, SLIDING, DecoderConfig, MoEConfig
+from models.hf import mxfp4
 from models.hf.common import (
     CheckpointError,
     Target,
@@ -52,11 +53,11 @@ def _with_rope_defaults(hf: dict) -> dict:
 
 
 def decoder_config(hf: dict, dtype: str) -> DecoderConfig:
-    if hf.get("quantization_config"):
-        method = hf["quantization_config"].get("quant_method", "?")
+    method = _quantization(hf)
+    if method not in (None, "mxfp4"):
         raise CheckpointError(
             f"{architecture(hf)}: quantization_config ({method}) is not implemented; "
-            "dequantize the experts to bf16/fp32 first"
+            "mxfp4 experts are (dequantized on load), or dequantize to bf16/fp32 first"
         )
     refuse_unless(hf, hidden_act="silu")  # the experts' clamped SwiGLU is hard-coded
     layer_types = _layer_types(hf)
@@ -97,12 +98,33 @@ def decoder_config(hf: dict, dtype: str) -> DecoderConfig:
     )
 
 
+def _quantization(hf: dict) -> str | None:
+    quant = hf.get("quantization_config")
+    return quant.get("quant_method", "?") if quant else None
+
+
 def _gate(t):  # gate_up [..., 2f] -> gate [..., f]
     return t[..., ::2]
 
 
 def _up(t):  # gate_up [..., 2f] -> up [..., f]
     return t[..., 1::2]
+
+
+def _mxfp4_experts(experts: str, mlp: tuple) -> Targets:
+    """MXFP4 experts (the published checkpoints): `*_blocks` + `*_scales`, dequantized
+    while loading (see models/hf/mxfp4.py); the biases are stored unquantized."""
+    gate_up, down = f"{experts}gate_up_proj", f"{experts}down_proj"
+    scales = (f"{gate_up}_scales",)
+    return {
+        f"{gate_up}_blocks": [
+            Target((*mlp, "gate"), lambda b, s: _gate(mxfp4.dequantize(b, s)), also_reads=scales),
+            Target((*mlp, "up"), lambda b, s: _up(mxfp4.dequantize(b, s)), also_reads=scales),
+        ],
+        f"{down}_blocks": [
+            Target((*mlp, "down"), mxfp4.dequantize, also_reads=(f"{down}_scales",))
+        ],
+    }
 
 
 def tensor_targets(cfg: DecoderConfig, hf: dict) -> Targets:
@@ -123,11 +145,17 @@ def tensor_targets(cfg: DecoderConfig, hf: dict) -> Targets:
         names[f"{hf_}mlp.router.weight"] = linear((*mlp, "router"))
         names[f"{hf_}mlp.router.bias"] = param((*mlp, "router", "bias"))
         experts = f"{hf_}mlp.experts."
-        names[f"{experts}gate_up_proj"] = [Target((*mlp, "gate"), _gate), Target((*mlp, "up"), _up)]
+        if _quantization(hf) == "mxfp4":
+            names.update(_mxfp4_experts(experts, mlp))
+        else:
+            names[f"{experts}gate_up_proj"] = [
+                Target((*mlp, "gate"), _gate),
+                Target((*mlp, "up"), _up),
+            ]
+            names[f"{experts}down_proj"] = param((*mlp, "down"))
         names[f"{experts}gate_up_proj_bias"] = [
             Target((*mlp, "gate_bias"), _gate),
             Target((*mlp, "up_bias"), _up),
         ]
-        names[f"{experts}down_proj"] = param((*mlp, "down"))
         names[f"{experts}down_proj_bias"] = param((*mlp, "down_bias"))
     return names

@@ -68,8 +68,10 @@ def load_hf_checkpoint(
     targets = family.tensor_targets(cfg, hf)
     shards = _shards(path)
     ignored = [re.compile(p) for p in (*_ALWAYS_IGNORED, *getattr(family, "IGNORED", ()))]
-    missing = sorted(set(targets) - set(shards))
-    extra = sorted(n for n in set(shards) - set(targets) if not any(p.match(n) for p in ignored))
+    read_too = {n for ts in targets.values() for t in ts for n in t.also_reads}
+    used = set(targets) | read_too
+    missing = sorted(used - set(shards))
+    extra = sorted(n for n in set(shards) - used if not any(p.match(n) for p in ignored))
     if missing or extra:
         raise CheckpointError(f"{path}: missing tensors {missing[:8]}, unexpected {extra[:8]}")
 
@@ -83,6 +85,10 @@ def load_hf_checkpoint(
                 pending_slices[target.path] = pending_slices.get(target.path, 0) + 1
     buffers: dict[Path, np.ndarray] = {}
     loaded: set[Path] = set()
+
+    def read(name: str) -> np.ndarray:  # a tensor from whichever shard holds it
+        with safe_open(shards[name], "np") as f:
+            return f.get_tensor(name)
 
     def place(param_path: Path, array: np.ndarray) -> None:
         key = "/".join(map(str, param_path))
@@ -103,7 +109,7 @@ def load_hf_checkpoint(
                 raw = f.get_tensor(name)
                 for target in targets[name]:
                     want = _lookup(pure, target.path).shape
-                    tensor = target.apply(raw)
+                    tensor = target.apply(raw, *(read(n) for n in target.also_reads))
                     slot = tuple(want[len(target.index) :])
                     if tuple(tensor.shape) != slot:
                         raise CheckpointError(
