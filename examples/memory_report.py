@@ -2,6 +2,7 @@
 
 python examples/memory_report.py                       # Llama-3.2-11B-Vision, MMMU-like
 python examples/memory_report.py --model gemma-3-27b --workload sharegpt
+python examples/memory_report.py --config /path/to/checkpoint   # its config.json
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ def main(argv=None) -> None:
     p.add_argument("--workload", default="mmmu", choices=sorted(WORKLOADS))
     p.add_argument("--num-requests", type=int, default=400)
     p.add_argument("--kv-budget-gib", type=float, default=40.0)
+    p.add_argument("--config", help="a checkpoint directory: the layout from its config.json")
     args = p.parse_args(argv)
 
-    layout = get_layout(args.model, state_checkpoint_interval=512)
+    if args.config:  # the same parser the model loader uses (models.hf; imports JAX)
+        from models.hf import decoder_config, read_config
+
+        cfg = decoder_config(read_config(args.config))
+        layout = cfg.layout(kv_dtype="bfloat16", checkpoint_interval=512)
+    else:
+        layout = get_layout(args.model, state_checkpoint_interval=512)
     print(layout.describe(), "\n")
     for allocator in ALLOCATORS:
         print(make_plan(layout, allocator).describe(), "\n")

@@ -178,6 +178,18 @@ def test_sharded_placement_on_two_devices(hf_dir, orbax_dir):
     assert "sharded ok" in result.stdout
 
 
+def test_memory_report_reads_the_config(hf_dir):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "memory_report.py"), "--config", str(hf_dir),
+         "--workload", "sharegpt", "--num-requests", "20", "--kv-budget-gib", "0.01"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    layout = load_pretrained(hf_dir).cfg.layout(kv_dtype="bfloat16", checkpoint_interval=512)
+    assert result.stdout.startswith(layout.describe())
+    assert "jenga runs" in result.stdout
+
+
 def test_serve_example_reads_the_directory(hf_dir, orbax_dir):
     for path in (hf_dir, orbax_dir):
         result = subprocess.run(
