@@ -115,6 +115,21 @@ def test_text_prompts_give_text_and_match_transformers(hf_model, hf_dir):
     assert streamed == out.text
 
 
+def test_text_stream_pieces_join_to_the_full_decode(hf_dir):
+    from jenga_jax.engine.text import TextStream
+
+    tok = Tokenizer.from_dir(hf_dir)
+    rng = np.random.default_rng(4)
+    texts = ["héllo wörld 日本語 the lazy fox", "  spaces\tand\nnewlines ünïcode"]
+    for i, ids in enumerate([tok.encode(t)[1:] for t in texts] + [rng.integers(3, VOCAB, 40)]):
+        stream = TextStream(tok)
+        pieces = [stream.push(int(t)) for t in ids] + [stream.flush()]
+        assert "".join(pieces) == tok.decode(ids)
+        assert not any(p.endswith("\ufffd") for p in pieces[:-1])  # held back until whole
+        if i < len(texts):  # real text: given out as it grows, not all at the end
+            assert sum(bool(p) for p in pieces[:-1]) >= 5 and "\ufffd" not in "".join(pieces)
+
+
 def test_requests_stop_at_end_of_sequence(hf_dir):
     model = load_pretrained(hf_dir)
     greedy = SamplingParams(temperature=0.0, max_tokens=24)

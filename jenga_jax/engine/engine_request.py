@@ -70,4 +70,4 @@ class RequestOutput:
     arrival_time: float
     first_token_time: float | None
     finish_time: float | None
-    text: str | None = None  # the decoded output, when the engine has a tokenizer
+    text: str | None = None  # the decoded output of a finished request (with a tokenizer)

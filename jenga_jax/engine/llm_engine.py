@@ -30,7 +30,7 @@ from jenga_jax.engine.engine_request import EngineRequest, RequestOutput, Status
 from jenga_jax.engine.model_runner import Image, ModelRunner
 from jenga_jax.engine.sampling import UINT32, SamplerBatch, SamplingParams, finished
 from jenga_jax.engine.scheduler import Scheduler, SchedulerConfig
-from jenga_jax.engine.text import Tokenizer
+from jenga_jax.engine.text import TextStream, Tokenizer
 
 
 @dataclasses.dataclass
@@ -220,7 +220,7 @@ class Engine:
 
     def _output(self, req: EngineRequest, new_token_ids: tuple[int, ...] = ()) -> RequestOutput:
         out = req.output(new_token_ids)
-        if self.tokenizer is None:
+        if self.tokenizer is None or not out.finished:  # decoded once, at the end
             return out
         return dataclasses.replace(out, text=self.tokenizer.decode(out.output_token_ids))
 
@@ -364,17 +364,12 @@ class Engine:
         while it ends in an incomplete character. Closing early aborts the request."""
         if self.tokenizer is None:
             raise RequestError("stream_text needs a tokenizer (Engine(tokenizer=...))")
-        tokens: list[int] = []
-        sent = ""
+        text = TextStream(self.tokenizer)
         for token in self.stream(prompt, sampling_params, images, request_id):
-            tokens.append(token)
-            text = self.tokenizer.decode(tokens)
-            if not text.endswith("\ufffd") and text.startswith(sent) and text != sent:
-                yield text[len(sent) :]
-                sent = text
-        text = self.tokenizer.decode(tokens)
-        if text.startswith(sent) and text != sent:  # a last incomplete character
-            yield text[len(sent) :]
+            if piece := text.push(token):
+                yield piece
+        if piece := text.flush():  # a last incomplete character
+            yield piece
 
 
 def _pow2_up_to(n: int, lo: int = 1) -> tuple[int, ...]:

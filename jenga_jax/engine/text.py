@@ -56,3 +56,36 @@ class Tokenizer:
 
     def decode(self, token_ids) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+class TextStream:
+    """A growing token list's text, piece by piece. Each token decodes only the tokens
+    since the last piece, with the ones before that piece as context (so merges and
+    leading spaces come out as in a full decode), never the whole output again. A piece
+    is held back while it ends in an incomplete character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._tokens: list[int] = []
+        self._prefix = 0  # context starts here
+        self._read = 0  # text up to here has been given out
+
+    def _new_text(self) -> str:
+        seen = self._tokenizer.decode(self._tokens[self._prefix : self._read])
+        text = self._tokenizer.decode(self._tokens[self._prefix :])
+        return text[len(seen) :] if len(text) > len(seen) else ""
+
+    def push(self, token: int) -> str:
+        """The text this token completes ("" while a character is incomplete)."""
+        self._tokens.append(token)
+        piece = self._new_text()
+        if not piece or piece.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._tokens)
+        return piece
+
+    def flush(self) -> str:
+        """What is still held back (at the end of the output)."""
+        piece = self._new_text()
+        self._prefix = self._read = len(self._tokens)
+        return piece

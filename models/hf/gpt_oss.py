@@ -111,6 +111,12 @@ def _up(t):  # gate_up [..., 2f] -> up [..., f]
     return t[..., 1::2]
 
 
+def _mxfp4_rows(start: int):
+    """Dequantize every other output row of MXFP4 gate_up blocks [E, 2f, G, 16] from
+    `start` (0: gate, 1: up, interleaved): each half alone, never the whole tensor."""
+    return lambda blocks, scales: mxfp4.dequantize(blocks[:, start::2], scales[:, start::2])
+
+
 def _mxfp4_experts(experts: str, mlp: tuple) -> Targets:
     """MXFP4 experts (the published checkpoints): `*_blocks` + `*_scales`, dequantized
     while loading (see models/hf/mxfp4.py); the biases are stored unquantized."""
@@ -118,8 +124,8 @@ def _mxfp4_experts(experts: str, mlp: tuple) -> Targets:
     scales = (f"{gate_up}_scales",)
     return {
         f"{gate_up}_blocks": [
-            Target((*mlp, "gate"), lambda b, s: _gate(mxfp4.dequantize(b, s)), also_reads=scales),
-            Target((*mlp, "up"), lambda b, s: _up(mxfp4.dequantize(b, s)), also_reads=scales),
+            Target((*mlp, "gate"), _mxfp4_rows(0), also_reads=scales),
+            Target((*mlp, "up"), _mxfp4_rows(1), also_reads=scales),
         ],
         f"{down}_blocks": [
             Target((*mlp, "down"), mxfp4.dequantize, also_reads=(f"{down}_scales",))
