@@ -118,10 +118,10 @@ def test_logits_match_transformers(saved):
     assert relative_error(forward_dense(ours, ids), _reference_logits(hf_model, ids)) <= 1e-4
 
 
+# gemma3_image has gemma3's language model: its logits test covers its tensor names
+@pytest.mark.parametrize("saved", ["gemma2", "gemma3"], indirect=True)
 def test_paged_engine_generates_what_transformers_generates(saved):
     name, hf_model, path = saved
-    if name == "gemma3_image":
-        pytest.skip("the same language model as gemma3: its logits test covers the names")
     prompts = _ids(1, (3, 20))  # 20 + 32 > window
     got = engine_greedy(load_hf_checkpoint(path), prompts, 32)
     assert got == hf_greedy(torch, hf_model, prompts, 32)
@@ -136,11 +136,10 @@ def _copy_with(checkpoint, tmp_path, **changes):
     return copy
 
 
+@pytest.mark.parametrize("saved", ["gemma2"], indirect=True)
 def test_gemma2_soft_caps_bind(saved, tmp_path):
     """Without either cap our logits move far from transformers': the parity test sees them."""
     name, hf_model, path = saved
-    if name != "gemma2":
-        pytest.skip("Gemma-2 only")
     ids = _ids(0, (2, 48))
     ref = _reference_logits(hf_model, ids)
     assert np.abs(ref).max() <= FINAL_CAP

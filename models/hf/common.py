@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models.config import RopeConfig
+from models.config import FULL, SLIDING, RopeConfig
 
 
 class CheckpointError(ValueError):
@@ -78,6 +78,28 @@ def rope_config(hf: dict, layer_type: str | None = None) -> RopeConfig:
     raise CheckpointError(f"rope scaling {kind!r} is not implemented")
 
 
+_ATTENTION_KINDS = {"full_attention": FULL, "sliding_attention": SLIDING}
+
+
+def attention_kinds(hf: dict, names, window: int | None) -> tuple:
+    """config.json's `layer_types` (full / sliding) as one kind per layer; refuses a
+    list of the wrong length, other layer types, and sliding layers without a window."""
+    arch, n = architecture(hf), hf["num_hidden_layers"]
+    if len(names) != n:
+        raise CheckpointError(f"{arch}: layer_types has {len(names)} entries for {n} layers")
+    unknown = sorted(set(names) - set(_ATTENTION_KINDS))
+    if unknown:
+        raise CheckpointError(
+            f"{arch}: layer_types {unknown} are not implemented (only {list(_ATTENTION_KINDS)})"
+        )
+    if "sliding_attention" in names and not window:
+        raise CheckpointError(
+            f"{arch}: layer_types has sliding_attention layers but no sliding_window "
+            "(sliding_window is null or missing)"
+        )
+    return tuple(_ATTENTION_KINDS[name] for name in names)
+
+
 Path = tuple[str | int, ...]
 
 
@@ -106,6 +128,11 @@ def transpose(tensor: np.ndarray) -> np.ndarray:
 def linear(path: Path) -> list[Target]:
     """A torch Linear weight into the Dense at `path`."""
     return [Target((*path, "kernel"), transpose)]
+
+
+def lm_head() -> list[Target]:
+    """A torch LM head [vocab, d] into our `lm_head` [d, vocab]."""
+    return [Target(("lm_head",), transpose)]
 
 
 def param(path: Path) -> list[Target]:

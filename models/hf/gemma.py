@@ -12,24 +12,23 @@ sliding layers, and (like transformers) ignores `attn_logit_softcapping`, and
 
 from __future__ import annotations
 
-from models.config import FULL, SLIDING, DecoderConfig, RopeConfig
+from models.config import SLIDING, DecoderConfig, RopeConfig
 from models.hf.common import (
     CheckpointError,
-    Target,
     Targets,
     architecture,
+    attention_kinds,
     linear,
+    lm_head,
     param,
     refuse_unless,
     rope_config,
-    transpose,
 )
 
 ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 IGNORED = (r"^vision_tower\.", r"^multi_modal_projector\.")  # Gemma-3's image encoder
 
 _MULTIMODAL = "Gemma3ForConditionalGeneration"
-_KINDS = {"full_attention": FULL, "sliding_attention": SLIDING}
 # transformers' tanh approximations of GELU (same formula; the model uses the tanh GELU)
 _TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python_tanh")
 
@@ -74,14 +73,7 @@ def _layer_types(version: str, text: dict) -> tuple:
         names = [
             "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)
         ]
-    if len(names) != n:
-        raise CheckpointError(f"layer_types has {len(names)} entries for {n} layers")
-    unknown = sorted(set(names) - set(_KINDS))
-    if unknown:
-        raise CheckpointError(f"layer_types {unknown} are not implemented (only {list(_KINDS)})")
-    if "sliding_attention" in names and text["sliding_window"] is None:
-        raise CheckpointError("layer_types has sliding_attention layers but sliding_window is null")
-    return tuple(_KINDS[name] for name in names)
+    return attention_kinds(text, names, text["sliding_window"])
 
 
 def _gemma3_ropes(text: dict) -> tuple[RopeConfig, RopeConfig]:
@@ -183,5 +175,5 @@ def tensor_targets(cfg: DecoderConfig, hf: dict) -> Targets:
             names[f"{hf_layer}{theirs}.weight"] = param((*ours, norm, "weight"))
     if not cfg.tie_embeddings:
         head = "language_model.lm_head.weight" if multimodal else "lm_head.weight"
-        names[head] = [Target(("lm_head",), transpose)]
+        names[head] = lm_head()
     return names

@@ -8,23 +8,23 @@ already [in, out] (no transpose), and their biases [E, 2f], [E, d].
 
 from __future__ import annotations
 
-from models.config import FULL, SLIDING, DecoderConfig, MoEConfig
+from models.config import SLIDING, DecoderConfig, MoEConfig
 from models.hf import mxfp4
 from models.hf.common import (
     CheckpointError,
     Target,
     Targets,
     architecture,
+    attention_kinds,
     linear,
+    lm_head,
     param,
     refuse_unless,
     rope_config,
-    transpose,
 )
 
 ARCHITECTURES = ("GptOssForCausalLM",)
 
-_LAYER_TYPES = {"sliding_attention": SLIDING, "full_attention": FULL}
 _DEFAULT_THETA = 150_000.0  # GptOssConfig.default_theta
 _DEFAULT_ROPE = dict(  # GptOssConfig's rope_parameters when config.json has none
     rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
@@ -37,12 +37,7 @@ def _layer_types(hf: dict) -> tuple:
     names = hf.get("layer_types") or [
         "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)
     ]  # transformers' default: even layers slide
-    if len(names) != n:
-        raise CheckpointError(f"{architecture(hf)}: {len(names)} layer_types for {n} layers")
-    unknown = sorted(set(names) - set(_LAYER_TYPES))
-    if unknown:
-        raise CheckpointError(f"{architecture(hf)}: layer_types {unknown} are not implemented")
-    return tuple(_LAYER_TYPES[t] for t in names)
+    return attention_kinds(hf, names, hf.get("sliding_window"))
 
 
 def _with_rope_defaults(hf: dict) -> dict:
@@ -62,8 +57,6 @@ def decoder_config(hf: dict, dtype: str) -> DecoderConfig:
     refuse_unless(hf, hidden_act="silu")  # the experts' clamped SwiGLU is hard-coded
     layer_types = _layer_types(hf)
     window = hf.get("sliding_window") if SLIDING in layer_types else None
-    if SLIDING in layer_types and not window:
-        raise CheckpointError(f"{architecture(hf)}: sliding layers but no sliding_window")
     heads = hf["num_attention_heads"]
     moe = MoEConfig(
         num_experts=hf["num_local_experts"],
@@ -137,7 +130,7 @@ def tensor_targets(cfg: DecoderConfig, hf: dict) -> Targets:
     names: Targets = {"model.embed_tokens.weight": param(("embed",))}
     names["model.norm.weight"] = param(("final_norm", "weight"))
     if not cfg.tie_embeddings:
-        names["lm_head.weight"] = [Target(("lm_head",), transpose)]
+        names["lm_head.weight"] = lm_head()
     for i in range(cfg.num_layers):
         hf_, ours = f"model.layers.{i}.", ("blocks", i)
         attn, mlp = (*ours, "mixer"), (*ours, "mlp")

@@ -19,6 +19,7 @@ from models.hf.common import (
     Targets,
     architecture,
     linear,
+    lm_head,
     param,
     refuse_unless,
     transpose,
@@ -162,5 +163,5 @@ def tensor_targets(cfg: DecoderConfig, hf: dict) -> Targets:
         names[f"{pre}input_layernorm.weight"] = param((*ours, "pre_norm", "weight"))
         names[f"{pre}pre_ff_layernorm.weight"] = param((*ours, "pre_mlp_norm", "weight"))
     if not cfg.tie_embeddings:
-        names["lm_head.weight"] = [Target(("lm_head",), transpose)]
+        names["lm_head.weight"] = lm_head()
     return names

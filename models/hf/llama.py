@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from models.config import FULL, DecoderConfig
 from models.hf.common import (
-    Target,
     Targets,
     linear,
+    lm_head,
     param,
     refuse_unless,
     rope_config,
-    transpose,
 )
 
 ARCHITECTURES = ("LlamaForCausalLM",)
@@ -54,5 +53,5 @@ def decoder_targets(cfg: DecoderConfig, prefix: str = "model.") -> Targets:
 def tensor_targets(cfg: DecoderConfig, hf: dict) -> Targets:
     names = decoder_targets(cfg)
     if not cfg.tie_embeddings:
-        names["lm_head.weight"] = [Target(("lm_head",), transpose)]
+        names["lm_head.weight"] = lm_head()
     return names

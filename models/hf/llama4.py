@@ -23,10 +23,10 @@ from models.hf.common import (
     Targets,
     architecture,
     linear,
+    lm_head,
     param,
     refuse_unless,
     rope_config,
-    transpose,
 )
 
 ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
@@ -160,5 +160,5 @@ def tensor_targets(cfg: DecoderConfig, hf: dict) -> Targets:
             names[f"{ff}shared_expert.{p}_proj.weight"] = linear((*mlp, f"shared_{p}"))
     if not cfg.tie_embeddings:
         head = "language_model.lm_head.weight" if multimodal else "lm_head.weight"
-        names[head] = [Target(("lm_head",), transpose)]
+        names[head] = lm_head()
     return names

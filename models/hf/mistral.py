@@ -11,19 +11,16 @@ from __future__ import annotations
 
 from models.config import FULL, SLIDING, DecoderConfig
 from models.hf.common import (
-    CheckpointError,
-    Target,
     Targets,
     architecture,
+    attention_kinds,
+    lm_head,
     refuse_unless,
     rope_config,
-    transpose,
 )
 from models.hf.llama import decoder_targets
 
 ARCHITECTURES = ("MistralForCausalLM", "MinistralForCausalLM")
-
-_KINDS = {"full_attention": FULL, "sliding_attention": SLIDING}
 
 
 def _window(hf: dict) -> int | None:
@@ -35,14 +32,7 @@ def _layer_types(hf: dict) -> tuple:
     names = hf.get("layer_types") if architecture(hf) == "MinistralForCausalLM" else None
     if names is None:
         return ((SLIDING if window is not None else FULL),) * n
-    if len(names) != n:
-        raise CheckpointError(f"layer_types has {len(names)} entries for {n} layers")
-    unknown = sorted(set(names) - set(_KINDS))
-    if unknown:
-        raise CheckpointError(f"layer_types {unknown} are not implemented (only {list(_KINDS)})")
-    if "sliding_attention" in names and window is None:
-        raise CheckpointError("layer_types has sliding_attention layers but sliding_window is null")
-    return tuple(_KINDS[name] for name in names)
+    return attention_kinds(hf, names, window)
 
 
 def decoder_config(hf: dict, dtype: str) -> DecoderConfig:
@@ -70,5 +60,5 @@ def decoder_config(hf: dict, dtype: str) -> DecoderConfig:
 def tensor_targets(cfg: DecoderConfig, hf: dict) -> Targets:
     names = decoder_targets(cfg)
     if not cfg.tie_embeddings:
-        names["lm_head.weight"] = [Target(("lm_head",), transpose)]
+        names["lm_head.weight"] = lm_head()
     return names

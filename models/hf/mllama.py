@@ -31,10 +31,10 @@ from models.hf.common import (
     Target,
     Targets,
     linear,
+    lm_head,
     param,
     refuse_unless,
     rope_config,
-    transpose,
 )
 
 ARCHITECTURES = ("MllamaForConditionalGeneration",)
@@ -88,7 +88,7 @@ def tensor_targets(cfg: DecoderConfig, hf: dict) -> Targets:
     names: Targets = {
         f"{PREFIX}embed_tokens.weight": param(("embed",)),  # [vocab + 8, hidden]
         f"{PREFIX}norm.weight": param(("final_norm", "weight")),
-        "language_model.lm_head.weight": [Target(("lm_head",), transpose)],  # [vocab, hidden]
+        "language_model.lm_head.weight": lm_head(),  # [vocab, hidden]
     }
     for i, kind in enumerate(cfg.layer_types):
         src, ours = f"{PREFIX}layers.{i}.", ("blocks", i)
