@@ -104,8 +104,13 @@ def test_multimodal_checkpoint_loads_its_language_model(tmp_path):
     assert ours.cfg.layer_types == (CHUNKED, FULL, CHUNKED) and ours.cfg.moe_layers == (0, 1, 2)
     assert ours.cfg.attn_bias and not ours.cfg.rope_qk_l2_norm and ours.cfg.nope_temperature is None
     ids = np.random.default_rng(2).integers(0, VOCAB, (2, 52))
+    # The reference is the wrapper's own language model: on a text-only prompt the
+    # wrapper's forward is exactly that call (no image features are merged), and
+    # transformers 5.24's wrapper breaks after it (it reads `image_outputs` from a
+    # CausalLM output). The checkpoint we load is still the wrapper's, with its
+    # `language_model.` prefixes, so a wrongly mapped tensor still fails here.
     with torch.no_grad():
-        ref = hf_model(input_ids=torch.tensor(ids)).logits.float().numpy()
+        ref = hf_model.language_model(input_ids=torch.tensor(ids)).logits.float().numpy()
     assert relative_error(ours.forward_dense(ids), ref) <= 1e-4
 
 
