@@ -13,13 +13,21 @@ from hypothesis import given, settings
 from jenga_jax.core.errors import RequestError
 from jenga_jax.engine.compile_counter import CompileCounter
 from jenga_jax.engine.sampling import (
+    FULL_SORT,
+    GREEDY,
+    NUCLEUS,
+    TEMPERATURE,
+    TOP_K,
     SamplerBatch,
     SamplingParams,
+    _sample_rows,
     finished,
     id_stream,
     request_key,
     row_keys,
     sample,
+    sample_full_sort,
+    sample_rows,
     sampling_probs,
     step_key,
 )
@@ -232,6 +240,136 @@ def test_top_k_ties_go_to_the_lower_id():
     t, k, p = _cols(1, 1.0, 3)
     support = np.flatnonzero(np.asarray(sampling_probs(logits[None], t, k, p))[0])
     assert support.tolist() == [1, 2, 4]
+
+
+# ----- the fast paths --------------------------------------------------------------------
+
+_rows_and_paths = jax.jit(_sample_rows, static_argnums=5)  # (tokens, logprobs, paths)
+
+PATH_CONFIGS = [  # (temperature, top_k, top_p, path) with max_top_k = 4, V = 8
+    (0.0, 2, 0.5, GREEDY),
+    (0.7, 3, 1.0, TOP_K),
+    (1.6, 4, 0.6, TOP_K),
+    (0.6, 0, 1.0, TEMPERATURE),
+    (1.7, 8, 1.0, TEMPERATURE),  # top_k == V is off
+    (0.8, 0, 0.8, NUCLEUS),  # nucleus {1, 4, 6}: within the 4 candidates
+    (1.4, 0, 0.97, FULL_SORT),  # nucleus of 7 tokens: wider than the candidates
+    (0.9, 6, 1.0, FULL_SORT),  # top_k > max_top_k
+    (1.3, 6, 0.9, FULL_SORT),
+]
+CHI2_AT_1E6 = {1: 23.9, 2: 27.6, 3: 30.7, 4: 33.4, 5: 35.9, 6: 38.3, 7: 40.5}  # by dof
+
+
+def test_every_path_draws_the_restricted_softmax():
+    """20k draws per config, one mixed batch: the path each row takes, never a token outside
+    the support, a chi-square test at p = 1e-6 and total variation < 0.015 against the
+    numpy reference, and logprobs = log of the reference probability of the token."""
+    logits = np.array([1.0, 2.5, -1.0, 0.3, 2.0, -0.5, 1.2, 0.0], np.float32)
+    n = 20_000
+    t, k, p = (np.repeat([c[i] for c in PATH_CONFIGS], n).astype(dt)
+               for i, dt in enumerate((np.float32, np.int32, np.float32)))  # fmt: skip
+    rows = np.broadcast_to(logits, (len(t), V))
+    tokens, logprobs, paths = map(np.asarray, _rows_and_paths(rows, t, k, p, _keys(len(t)), 4))
+    for i, (temp, top_k, top_p, path) in enumerate(PATH_CONFIGS):
+        part = slice(i * n, (i + 1) * n)
+        assert (paths[part] == path).all(), (PATH_CONFIGS[i], np.unique(paths[part]))
+        ref = _ref_probs(logits, temp, top_k, top_p)
+        support = np.flatnonzero(ref)
+        count = np.bincount(tokens[part], minlength=V)
+        assert set(np.flatnonzero(count)) <= set(support), (PATH_CONFIGS[i], count, ref)
+        np.testing.assert_allclose(logprobs[part], np.log(ref[tokens[part]]), atol=1e-5)
+        if len(support) > 1:
+            expected = n * ref[support]
+            chi2 = np.sum((count[support] - expected) ** 2 / expected)
+            assert chi2 < CHI2_AT_1E6[len(support) - 1], (PATH_CONFIGS[i], count / n, ref)
+        assert 0.5 * np.abs(count / n - ref).sum() < 0.015, (PATH_CONFIGS[i], count / n, ref)
+
+
+def test_a_row_draws_the_same_token_whatever_the_batch_runs():
+    """A row's token and logprob are the same alone among its own kind, when a FULL_SORT
+    row makes the batch sort, in another order, and in a bigger batch."""
+    rng = np.random.default_rng(2)
+    vocab, per = 64, 200
+    configs = [(0.0, 0, 1.0), (0.8, 5, 1.0), (1.3, 8, 0.7), (0.9, 0, 1.0), (1.1, 0, 0.3)]
+    t, k, p = (np.repeat([c[i] for c in configs], per).astype(dt)
+               for i, dt in enumerate((np.float32, np.int32, np.float32)))  # fmt: skip
+    logits = (rng.standard_normal((len(t), vocab)) * 3).astype(np.float32)
+    keys = jax.random.key_data(_keys(len(t), seed=5))  # raw uint32 [B, 2]
+    alone = [np.asarray(x) for x in _rows_and_paths(logits, t, k, p, keys, 8)]
+    assert set(alone[2]) == {GREEDY, TOP_K, TEMPERATURE, NUCLEUS}  # nobody sorts
+    sorter = (rng.standard_normal((1, vocab)).astype(np.float32), 1.0, 20, 1.0)  # FULL_SORT
+    order = rng.permutation(len(t))
+    mixed = [
+        np.asarray(x)
+        for x in _rows_and_paths(
+            np.concatenate([logits[order], sorter[0], logits[:7]]),
+            np.append(t[order], [sorter[1]] + [0.5] * 7).astype(np.float32),
+            np.append(k[order], [sorter[2]] + [0] * 7).astype(np.int32),
+            np.append(p[order], [sorter[3]] + [0.5] * 7).astype(np.float32),
+            np.concatenate([keys[order], keys[:8]]),
+            8,
+        )
+    ]
+    assert mixed[2][len(t)] == FULL_SORT
+    for got, want in zip(mixed, alone):
+        np.testing.assert_array_equal(got[: len(t)], want[order])
+
+
+def test_top_k_candidates_tie_like_the_stable_sort():
+    rng = np.random.default_rng(3)
+    logits = rng.integers(-3, 3, (64, 40)).astype(np.float32)  # many ties
+    values, ids = jax.lax.top_k(logits, 16)
+    stable = np.argsort(-logits, axis=1, kind="stable")[:, :16]
+    np.testing.assert_array_equal(np.asarray(ids), stable)
+    np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(logits, stable, 1))
+
+
+def test_minus_zero_ties_with_zero_on_every_path():
+    """-0.0 == 0.0 as np.argmax sees it: the lower id wins a tie however the row is drawn."""
+    logits = np.full((4, 12), -5.0, np.float32)
+    logits[:, 2], logits[:, 5] = -0.0, 0.0
+    t = np.array([0.0, 1.0, 1.0, 1.0], np.float32)
+    k = np.array([0, 1, 0, 6], np.int32)
+    p = np.array([1.0, 1.0, 0.1, 0.1], np.float32)
+    tokens, logprobs, paths = _rows_and_paths(logits, t, k, p, _keys(4), 4)
+    assert np.asarray(paths).tolist() == [GREEDY, TOP_K, NUCLEUS, FULL_SORT]
+    assert np.asarray(tokens).tolist() == [2, 2, 2, 2]
+    np.testing.assert_array_equal(np.asarray(logprobs), 0.0)
+
+
+def test_fast_paths_against_the_full_sort_sampler():
+    """Greedy, TOP_K and NUCLEUS rows draw the previous (full-sort) sampler's tokens (up to
+    float rounding at a CDF boundary: none here); TEMPERATURE rows draw other tokens."""
+    rng = np.random.default_rng(6)
+    vocab, n = 256, 500
+    logits = (rng.standard_normal((n, vocab)) * 4).astype(np.float32)
+    for temp, top_k, top_p, same in [
+        (0.0, 0, 1.0, True),
+        (0.9, 40, 1.0, True),
+        (1.2, 30, 0.8, True),
+        (0.5, 0, 0.9, True),
+        (1.0, 0, 1.0, False),
+    ]:
+        t, k, p = _cols(n, temp, top_k, top_p)
+        keys = _keys(n, seed=top_k)
+        new = np.asarray(sample(logits, t, k, p, keys))
+        old = np.asarray(sample_full_sort(logits, t, k, p, keys))
+        assert (new == old).all() if same else (new != old).mean() > 0.5
+
+
+def test_sample_rows_compiles_once_for_every_mix():
+    rng = np.random.default_rng(8)
+    vocab = 11  # shapes no other test uses
+    with CompileCounter() as counter:
+        for _ in range(8):
+            t = rng.choice([0.0, 0.7], 5).astype(np.float32)
+            k = rng.choice([0, 2, 6], 5).astype(np.int32)
+            p = rng.choice([1.0, 0.9, 0.2], 5).astype(np.float32)
+            logits = rng.normal(size=(5, vocab)).astype(np.float32)
+            tokens, logprobs = sample_rows(logits, t, k, p, _keys(5), max_top_k=3)
+            assert ((0 <= np.asarray(tokens)) & (np.asarray(tokens) < vocab)).all()
+            assert (np.asarray(logprobs) <= 0).all()
+    assert counter.counts["sample_rows"] == 1, counter.counts
 
 
 # ----- compiles --------------------------------------------------------------------------

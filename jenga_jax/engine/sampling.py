@@ -1,15 +1,31 @@
 """Sampling: per-request parameters, a jitted batched sampler, reproducible key streams.
 
-A step's logits [B, V] (float32) become one token per row. Each row has its own
-temperature, top-k, top-p and PRNG key, so greedy and sampled requests share one compiled
-function; only the shapes (batch bucket, vocab) compile. A request's key at a position is
-``step_key(request_key(seed, stream), position)``: its tokens depend on its seed and the
-positions it samples at, not on the batch, the row, or a recompute after preemption.
+A step's logits [B, V] (float32) become one token per row: `sample_rows` is pure and
+jittable, so it runs inside the jitted model step and only token ids (and logprobs) reach
+the host. Each row has its own temperature, top-k, top-p and PRNG key, so every mix shares
+one compiled function; only the shapes (batch bucket, vocab) compile. A row draws with one
+uniform from its key, on a path chosen by its own parameters (and, for top-p, its own
+logits), so its token never depends on the other rows. A path runs (`lax.cond`) only when
+some row of the batch takes it; the full sort runs on its own rows only, SORT_ROWS at a time:
+
+- GREEDY (T == 0): argmax, lowest id on ties. The same token as the previous sampler.
+- TOP_K (0 < top_k <= max_top_k): the `lax.top_k` candidates, inverse CDF in sorted order.
+  The previous sampler's token, up to float rounding at a CDF boundary.
+- NUCLEUS (top-k off, top_p < 1, nucleus within the max_top_k best): as TOP_K, same token.
+- TEMPERATURE (top-k and top-p off): inverse CDF over the ids in natural order, no sort.
+  The exact distribution, but NOT the previous sampler's token for the same key.
+- FULL_SORT (the rest: max_top_k < top_k < V, or a wider nucleus): the previous sampler,
+  a stable sort of the whole vocab; the same token.
+
+A request's key at a position is ``step_key(request_key(seed, stream), position)``: its
+tokens depend on its seed and the positions it samples at, not on the batch, the row, or
+a recompute after preemption.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -144,13 +160,19 @@ def row_keys(seeds: jax.Array, streams: jax.Array, positions: jax.Array) -> jax.
 
 # ----- the jitted sampler --------------------------------------------------------------
 
+GREEDY, TOP_K, TEMPERATURE, NUCLEUS, FULL_SORT = range(5)  # how a row is drawn (see module)
+
+
+def _clean(logits: jax.Array) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    return jnp.where(logits == 0, 0.0, logits)  # -0.0 ranks like 0.0, as np.argmax sees it
+
 
 def _sorted_probs(logits, temperature, top_k, top_p):
     """-> (order [B, V]: ids by descending logit, lowest id first on ties;
     probs [B, V] float32 in that order: softmax(logits / T) cut to top-k, then to the
     minimal nucleus reaching top_p, renormalized; one-hot on the argmax for T == 0)."""
-    logits = logits.astype(jnp.float32)
-    logits = jnp.where(logits == 0, 0.0, logits)  # -0.0 sorts like 0.0, as np.argmax sees it
+    logits = _clean(logits)
     batch, vocab = logits.shape
     rank = jax.lax.broadcasted_iota(jnp.int32, (batch, vocab), 1)  # [B, V]
     neg, order = jax.lax.sort((-logits, rank), dimension=1, num_keys=1, is_stable=True)
@@ -174,25 +196,191 @@ def _as_keys(keys: jax.Array) -> jax.Array:
     return jax.random.wrap_key_data(keys)  # raw uint32 [B, 2] (threefry)
 
 
-@jax.jit
-def sample(logits, temperature, top_k, top_p, keys) -> jax.Array:
-    """Token ids int32 [B], one per row of `logits` [B, V].
+def _uniforms(keys: jax.Array) -> jax.Array:
+    """One uniform float32 [B] per row: every path draws by inverse CDF with it."""
+    return jax.vmap(lambda key: jax.random.uniform(key, dtype=jnp.float32))(_as_keys(keys))
 
-    temperature [B] float32 (0 = greedy), top_k [B] int32 (0 = off), top_p [B] float32
-    (1 = off), keys [B] PRNG keys (or raw uint32 [B, 2]). Row i draws from
-    `sampling_probs` with one uniform from keys[i], by inverse CDF over the sorted tokens.
-    """
+
+def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x, index[:, None], axis=1)[:, 0]  # x [B, N], index [B] -> [B]
+
+
+def _first_above(cdf: jax.Array, x: jax.Array) -> jax.Array:
+    """Column [B] where the non-decreasing `cdf` [B, N] first exceeds x [B] (>= 0), at most
+    the column where it reaches its total: a column of zero weight is never chosen."""
+    index = jnp.sum(cdf <= x[:, None], axis=1)
+    return jnp.minimum(index, jnp.sum(cdf < cdf[:, -1:], axis=1)).astype(jnp.int32)
+
+
+def _draw_sorted(logits, temperature, top_k, top_p, u):
+    """FULL_SORT: inverse CDF over the stably sorted vocab -> (tokens, logprobs) [B]."""
     order, probs = _sorted_probs(logits, temperature, top_k, top_p)  # [B, V] each
-    u = jax.vmap(lambda key: jax.random.uniform(key, dtype=jnp.float32))(_as_keys(keys))  # [B]
     cdf = jnp.cumsum(probs, axis=1)  # [B, V]
     rank = jnp.sum(cdf <= (u * cdf[:, -1])[:, None], axis=1)  # first rank with cdf > u * total
     rank = jnp.minimum(rank, jnp.sum(probs > 0, axis=1) - 1)  # kept tokens are a prefix
-    return jnp.take_along_axis(order, rank[:, None], axis=1)[:, 0].astype(jnp.int32)
+    return _take(order, rank).astype(jnp.int32), jnp.log(_take(probs, rank))
+
+
+SORT_ROWS = 8  # FULL_SORT rows sorted at a time: its cost follows the rows that need it
+
+
+def _draw_sorted_rows(logits, temperature, top_k, top_p, u, need):
+    """FULL_SORT for the rows `need` [B] only, SORT_ROWS at a time (the others get 0)."""
+    batch = logits.shape[0]
+    rows = min(batch, SORT_ROWS)
+    order = jnp.argsort(~need, stable=True)  # [B]: the rows that need it first
+
+    def chunk(i, carry):
+        start = jnp.minimum(i * rows, batch - rows)  # the last chunk may redo rows: same draw
+        idx = jax.lax.dynamic_slice(order, (start,), (rows,))  # [R]
+        drawn = _draw_sorted(logits[idx], temperature[idx], top_k[idx], top_p[idx], u[idx])
+        return tuple(out.at[idx].set(new) for out, new in zip(carry, drawn))
+
+    zeros = (jnp.zeros(batch, jnp.int32), jnp.zeros(batch, jnp.float32))
+    return jax.lax.fori_loop(0, (jnp.sum(need) + rows - 1) // rows, chunk, zeros)
+
+
+def _chunk_size(vocab: int) -> int:
+    """A power of two near sqrt(vocab): the temperature path's two-level CDF."""
+    return 1 << max(0, math.ceil(math.log2(max(vocab, 1)) / 2))
+
+
+def _draw_temperature(logits, t, u):
+    """TEMPERATURE: inverse CDF over the token ids in natural order, no sort, in two levels
+    (chunk masses, then inside the chosen chunk) instead of a cumsum over V; the weights
+    are never stored, only summed, and recomputed for the chosen chunk.
+    -> (tokens, logprobs, z) [B]; z = sum(exp((logits - max) / t)), the softmax normalizer."""
+    batch, vocab = logits.shape
+    size = _chunk_size(vocab)
+    chunks = -(-vocab // size)
+    top = jnp.max(logits, axis=1)[:, None]  # [B, 1]
+    scale = 1.0 / t[:, None]  # [B, 1]
+    padded = jnp.pad(logits, ((0, 0), (0, chunks * size - vocab)), constant_values=-jnp.inf)
+    padded = padded.reshape(batch, chunks, size)  # [B, n, C]
+    mass = jnp.sum(jnp.exp((padded - top[:, :, None]) * scale[:, :, None]), axis=2)  # [B, n]
+    chunk_cdf = jnp.cumsum(mass, axis=1)  # [B, n]
+    z = chunk_cdf[:, -1]  # [B]
+    x = u * z  # [B]
+    chunk = _first_above(chunk_cdf, x)  # [B]
+    before = jnp.where(chunk > 0, _take(chunk_cdf, jnp.maximum(chunk - 1, 0)), 0.0)  # [B]
+    inner = jnp.take_along_axis(padded, chunk[:, None, None], axis=1)[:, 0]  # [B, C] logits
+    scaled = (inner - top) * scale  # [B, C] <= 0
+    index = _first_above(jnp.cumsum(jnp.exp(scaled), axis=1), x - before)  # [B]
+    return chunk * size + index, _take(scaled, index) - jnp.log(z), z
+
+
+def _draw_candidates(values, ids, keep_k, top_p, t, u, z, own_norm):
+    """TOP_K and NUCLEUS: inverse CDF over the C best tokens `values`, `ids` [B, C]
+    (descending, lower id first on ties), cut to the first keep_k [B], then to the minimal
+    nucleus reaching top_p; the masses are over the kept candidates where own_norm [B],
+    else over the whole vocab (normalizer z [B]).
+    -> (tokens, logprobs, reached [B]: the candidates' mass reaches top_p)."""
+    rank = jax.lax.broadcasted_iota(jnp.int32, values.shape, 1)  # [B, C]
+    # max, not values[:, :1]: XLA CPU turns a TopK whose first column is sliced into a sort
+    scaled = (values - jnp.max(values, axis=1, keepdims=True)) / t[:, None]  # [B, C] <= 0
+    weights = jnp.where(rank < keep_k[:, None], jnp.exp(scaled), 0.0)  # [B, C]
+    norm = jnp.where(own_norm, jnp.sum(weights, axis=1), z)  # [B]
+    mass = jnp.cumsum(weights / norm[:, None], axis=1)  # [B, C]
+    before = jnp.pad(mass[:, :-1], ((0, 0), (1, 0)))  # [B, C] mass of the higher ranks
+    p = top_p[:, None]  # [B, 1]
+    weights = weights * ((rank == 0) | (before < p) | (p >= 1))
+    cdf = jnp.cumsum(weights, axis=1)  # [B, C]
+    index = _first_above(cdf, u * cdf[:, -1])  # [B]
+    logprobs = _take(scaled, index) - jnp.log(cdf[:, -1])
+    return _take(ids, index).astype(jnp.int32), logprobs, mass[:, -1] >= top_p
+
+
+def _sample_rows(logits, temperature, top_k, top_p, keys, max_top_k):
+    """sample_rows, plus the path [B] each row took."""
+    logits = logits.astype(jnp.float32)  # [B, V]; -0.0 is cleaned where it would rank
+    batch, vocab = logits.shape
+    size = min(max_top_k, vocab)  # C: candidates of the top-k path
+    temperature = temperature.astype(jnp.float32)
+    top_k = top_k.astype(jnp.int32)
+    top_p = top_p.astype(jnp.float32)
+    u = _uniforms(keys)  # [B]
+    greedy = temperature <= 0
+    t = jnp.where(greedy, 1.0, temperature)  # [B]
+    k = jnp.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)  # [B], vocab = off
+    path = jnp.select(
+        [greedy, k <= size, (k == vocab) & (top_p >= 1), k == vocab],
+        [GREEDY, TOP_K, TEMPERATURE, NUCLEUS],
+        FULL_SORT,
+    )  # [B]; a NUCLEUS row whose nucleus is wider than the candidates becomes FULL_SORT
+    zeros_i, zeros_f = jnp.zeros(batch, jnp.int32), jnp.zeros(batch, jnp.float32)
+
+    def skip(*extra):
+        return lambda: (zeros_i, zeros_f, *extra)
+
+    temp_tokens, temp_lp, z = jax.lax.cond(
+        jnp.any((path == TEMPERATURE) | (path == NUCLEUS)),
+        lambda: _draw_temperature(logits, t, u),
+        skip(jnp.ones(batch, jnp.float32)),
+    )
+
+    def candidates():
+        values, ids = jax.lax.top_k(_clean(logits), size)  # [B, C], lower id first on ties
+        top = path == TOP_K
+        return _draw_candidates(values, ids, jnp.where(top, k, size), top_p, t, u, z, top)
+
+    cand_tokens, cand_lp, reached = jax.lax.cond(
+        jnp.any((path == TOP_K) | (path == NUCLEUS)), candidates, skip(jnp.ones(batch, bool))
+    )
+    path = jnp.where((path == NUCLEUS) & ~reached, FULL_SORT, path)
+    sort_tokens, sort_lp = _draw_sorted_rows(
+        logits, temperature, top_k, top_p, u, path == FULL_SORT
+    )  # no row needs it: no sort
+    greedy_tokens = jax.lax.cond(
+        jnp.any(greedy),
+        lambda: jnp.argmax(logits, axis=1).astype(jnp.int32),  # lowest id on ties, -0.0 too
+        lambda: zeros_i,
+    )
+    tokens = jnp.select(
+        [path == GREEDY, path == TEMPERATURE, path == FULL_SORT],
+        [greedy_tokens, temp_tokens, sort_tokens],
+        cand_tokens,
+    )
+    logprobs = jnp.select(
+        [path == GREEDY, path == TEMPERATURE, path == FULL_SORT],
+        [zeros_f, temp_lp, sort_lp],
+        cand_lp,
+    )
+    return tokens, logprobs, path
+
+
+@functools.partial(jax.jit, static_argnames="max_top_k")
+def sample_rows(logits, temperature, top_k, top_p, keys, *, max_top_k: int = 64):
+    """(tokens int32 [B], logprobs float32 [B]): one token per row of `logits` [B, V].
+
+    temperature [B] float32 (0 = greedy), top_k [B] int32 (0 = off), top_p [B] float32
+    (1 = off), keys [B] PRNG keys (or raw uint32 [B, 2]); max_top_k (static): the
+    candidates of the top-k path. Pure and jittable: call it inside a jitted step. Row i
+    draws from `sampling_probs` with one uniform from keys[i] (see the module for the
+    paths); logprobs[i] is the log-probability of the token under that final distribution
+    (0 for greedy rows), not under the raw softmax.
+    """
+    if max_top_k < 1:
+        raise ValueError(f"max_top_k must be >= 1, got {max_top_k}")
+    tokens, logprobs, _ = _sample_rows(logits, temperature, top_k, top_p, keys, max_top_k)
+    return tokens, logprobs
+
+
+@jax.jit
+def sample(logits, temperature, top_k, top_p, keys) -> jax.Array:
+    """Token ids int32 [B]: `sample_rows` without the logprobs (default max_top_k)."""
+    return sample_rows(logits, temperature, top_k, top_p, keys)[0]
+
+
+@jax.jit
+def sample_full_sort(logits, temperature, top_k, top_p, keys) -> jax.Array:
+    """Token ids int32 [B] by the previous sampler: every row, greedy ones too, by inverse
+    CDF over the stably sorted vocab. The reference for benchmarks/sampler.py."""
+    return _draw_sorted(_clean(logits), temperature, top_k, top_p, _uniforms(keys))[0]
 
 
 @jax.jit
 def sampling_probs(logits, temperature, top_k, top_p) -> jax.Array:
-    """The distribution `sample` draws from: float32 [B, V] by token id (0 = never)."""
+    """The distribution `sample_rows` draws from: float32 [B, V] by token id (0 = never)."""
     order, probs = _sorted_probs(logits, temperature, top_k, top_p)
     rows = jnp.arange(logits.shape[0])[:, None]
     return jnp.zeros(probs.shape, jnp.float32).at[rows, order].set(probs)
