@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 
 from flax import nnx
 
@@ -89,8 +90,10 @@ def serve_workload(model, args) -> None:
     reports = []
     for allocator in ["jenga", "paged"] if args.compare else ["jenga"]:
         engine = build_engine(model, args, allocator)
-        print(f"{allocator}: warming up (compiling every step shape) ...", file=sys.stderr)
-        engine.warmup()
+        print(f"{allocator}: warming up (compiling every step shape)", file=sys.stderr)
+        t0 = time.perf_counter()
+        engine.warmup(None if args.quiet else _compile_progress)
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         reports.append(
             run_trace(
                 engine,
@@ -131,6 +134,11 @@ def interactive(model, args, tokenizer) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+
+
+def _compile_progress(done: int, total: int) -> None:
+    sys.stderr.write(f"\r  step shapes compiled (or loaded from the cache): {done}/{total}")
+    sys.stderr.flush()
 
 
 def main(argv=None) -> None:

@@ -15,7 +15,7 @@ SMALL = ["--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--max-model-l
 def run(args, stdin=""):
     return subprocess.run(
         [sys.executable, str(ROOT / "examples" / "serve.py"), *args],
-        input=stdin, capture_output=True, text=True, timeout=600, check=True, cwd=ROOT,
+        input=stdin, capture_output=True, text=True, check=True, cwd=ROOT,
     )  # fmt: skip
 
 

@@ -1,15 +1,16 @@
 """The engine: requests in, tokens out, over one model and one shared paged pool.
 
-``add_request`` validates and queues; ``step`` schedules (``Scheduler``), runs the
-decode rows and the prefill chunks as two jitted steps over the same pool, samples
-one token for every row that reached the end of its known tokens, and finishes
-requests on a stop token or at ``max_tokens``. ``generate`` and ``stream`` drive
+``add_request`` validates and queues; ``step`` schedules (``Scheduler``), dispatches
+the decode rows and the prefill chunks as two jitted steps over the same pool, each
+sampling on the device, fetches one token id per row (never logits), keeps the tokens
+of the rows that reached the end of their known tokens, and finishes requests on a stop
+token or at ``max_tokens``. ``generate`` and ``stream`` drive
 ``step`` for you; ``abort`` frees a request's pages at once. Given a ``Tokenizer``,
 prompts may be text, outputs carry ``text``, requests stop on its end-of-sequence ids,
 and ``stream_text`` yields text.
 
-Everything but the model steps and the sampler is host Python; the device sees one
-page table per step. With a fixed seed a request's tokens do not depend on batching,
+Everything but the model steps (with the sampler inside) is host Python; the device
+sees one page table per jitted call. With a fixed seed a request's tokens do not depend on batching,
 chunking or preemption (sampling keys are per request and position).
 """
 
@@ -26,6 +27,7 @@ from jenga_jax.core.errors import RequestError
 from jenga_jax.core.layer_kinds import AttentionType
 from jenga_jax.engine import warmup
 from jenga_jax.engine.buckets import Buckets
+from jenga_jax.engine.compile_cache import enable_compilation_cache
 from jenga_jax.engine.engine_request import EngineRequest, RequestOutput, Status
 from jenga_jax.engine.model_runner import Image, ModelRunner
 from jenga_jax.engine.sampling import UINT32, SamplerBatch, SamplingParams, finished
@@ -58,7 +60,10 @@ class Engine:
     most image tokens per request (models with cross attention); checkpoint_interval:
     state (Mamba) kinds keep a state every this many tokens, so prefixes can hit (None:
     never; prefill chunks then end on checkpoints). tokenizer: a ``Tokenizer`` (text
-    prompts and outputs), or None (token ids only).
+    prompts and outputs), or None (token ids only). compilation_cache_dir: JAX's
+    persistent compilation cache, so that a second start loads its compiled steps (None:
+    ``$JENGA_JAX_CACHE_DIR`` or ``~/.cache/jenga-jax/xla``; "off": no cache; see
+    ``engine.compile_cache``).
     """
 
     def __init__(
@@ -80,8 +85,10 @@ class Engine:
         pool_fill: float = 0.0,
         shuffle_seed: int | None = None,
         tokenizer: Tokenizer | None = None,
+        compilation_cache_dir: str | None = None,
     ):
         cfg = model.cfg
+        self.compilation_cache_dir = enable_compilation_cache(compilation_cache_dir)
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.config = scheduler or SchedulerConfig()
@@ -232,9 +239,10 @@ class Engine:
         self._finish(req, "abort")
         return self._output(req)
 
-    def warmup(self) -> int:
-        """Compile every step shape now (see ``engine.warmup``); returns how many."""
-        return warmup.warmup(self)
+    def warmup(self, progress=None) -> int:
+        """Compile every step shape now (see ``engine.warmup``); returns how many.
+        progress(done, total) is called after each shape."""
+        return warmup.warmup(self, progress)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -263,43 +271,54 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.num_rows == 0:
             return []
-        rows, logits = [], []
+        rows, pending, counts = [], [], []
         for batch, decode in ((plan.decode, True), (plan.prefill, False)):
-            if batch:
+            if batch:  # both dispatched before waiting on either
+                sampler = self._sampler_batch(batch)
+                prepared = self.runner.prepare(batch, decode=decode, sampler=sampler)
+                pending.append(self.runner.dispatch(prepared))
+                counts.append(len(batch))
                 rows += batch
-                logits.append(self.runner.execute(self.runner.prepare(batch, decode=decode)))
-        logits = np.concatenate(logits)  # [rows, V]
+        tokens = self.runner.fetch_tokens(pending, counts)  # int32 [rows]
         c = self.counters
         c.steps += 1
         c.rows += len(rows)
-        ends = [r.start + r.num_tokens for r in rows]
-        sampling = [
-            i for i, r in enumerate(rows) if ends[i] == self.manager.num_tokens(r.request_id)
-        ]
         outputs = []
-        if sampling:
-            reqs = [self._requests[rows[i].request_id] for i in sampling]
-            batch = SamplerBatch.build(
-                [r.params for r in reqs],
-                [ends[i] for i in sampling],
-                [r.request_id for r in reqs],
-                vocab_size=self.cfg.vocab_size,
-                engine_seed=self.seed,
-                batch_size=self.runner.buckets.batch_size(len(reqs)),
-            )
-            tokens = batch.sample(logits[sampling])
-            now = time.perf_counter()
-            for req, token in zip(reqs, tokens.tolist()):
-                req.output_token_ids.append(token)
-                req.pending.append(token)
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                c.generated_tokens += 1
-                reason = finished(token, req.params, len(req.output_token_ids))
-                if reason:
-                    self._finish(req, reason)
-                outputs.append(self._output(req, (token,)))
+        now = time.perf_counter()
+        for r, token in zip(rows, tokens.tolist()):
+            if r.start + r.num_tokens != self.manager.num_tokens(r.request_id):
+                continue  # a prefill chunk short of the prompt's end: no token yet
+            req = self._requests[r.request_id]
+            req.output_token_ids.append(token)
+            req.pending.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            c.generated_tokens += 1
+            reason = finished(token, req.params, len(req.output_token_ids))
+            if reason:
+                self._finish(req, reason)
+            outputs.append(self._output(req, (token,)))
         return outputs
+
+    def _sampler_batch(self, rows) -> SamplerBatch:
+        """Sampling inputs of a step's rows, padded to its batch bucket. A row samples
+        the token after its last one when it reaches the end of its known tokens; the
+        others (prefill chunks mid-prompt) get greedy parameters, and their token is
+        dropped."""
+        params, positions = [], []
+        for r in rows:
+            end = r.start + r.num_tokens
+            samples = end == self.manager.num_tokens(r.request_id)
+            params.append(self._requests[r.request_id].params if samples else _NO_SAMPLE)
+            positions.append(end if samples else 0)
+        return SamplerBatch.build(
+            params,
+            positions,
+            [r.request_id for r in rows],
+            vocab_size=self.cfg.vocab_size,
+            engine_seed=self.seed,
+            batch_size=self.runner.buckets.batch_size(len(rows)),
+        )
 
     def generate(
         self,
@@ -370,6 +389,9 @@ class Engine:
                 yield piece
         if piece := text.flush():  # a last incomplete character
             yield piece
+
+
+_NO_SAMPLE = SamplingParams(temperature=0.0)  # rows whose token is dropped
 
 
 def _pow2_up_to(n: int, lo: int = 1) -> tuple[int, ...]:

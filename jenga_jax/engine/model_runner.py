@@ -26,7 +26,8 @@ from jenga_jax.core.request import ImageInput
 from jenga_jax.device.pool import PoolLayout
 from jenga_jax.engine.buckets import Buckets
 from jenga_jax.engine.page_table_builder import StepRow, build_page_table
-from jenga_jax.engine.steps import StepInputs, make_steps
+from jenga_jax.engine.sampling import SamplerBatch
+from jenga_jax.engine.steps import SamplerInputs, StepInputs, make_steps
 from pallas_kernels import choose_backend, parse_backend
 
 
@@ -233,10 +234,22 @@ class ModelRunner:
             rows.append(StepRow(w.request_id, end - n, n))
         return rows, refused
 
-    def prepare(self, rows: Sequence[StepRow], *, decode: bool, all_logits: bool = False):
-        """The step function and its device inputs for allocated rows (nothing runs)."""
+    def prepare(
+        self,
+        rows: Sequence[StepRow],
+        *,
+        decode: bool,
+        all_logits: bool = False,
+        sampler: SamplerBatch | None = None,
+    ):
+        """The step function and its device inputs for allocated rows (nothing runs).
+
+        With `sampler` (one row per step row, padded to the step's batch bucket) the step
+        samples on the device: run it with :meth:`dispatch`."""
         if decode and all_logits:
             raise ValueError("all_logits is for prefill steps")
+        if sampler is not None and all_logits:
+            raise ValueError("a sampling step samples each row's last token: no all_logits")
         table, enc, image_rows = build_page_table(
             self.manager,
             self.layout,
@@ -257,15 +270,44 @@ class ModelRunner:
                 ims = self._images[rows[i].request_id]
                 flat = np.concatenate([np.asarray(im.embeds) for im in ims])
                 image_embeds[i, : len(flat)] = flat
-        table, inputs = jax.device_put((table, StepInputs(token_ids, image_embeds)))
+        inputs = StepInputs(token_ids, image_embeds)
+        if sampler is not None:
+            if len(sampler.temperature) != b or sampler.num_rows != len(rows):
+                raise ValueError(
+                    f"the sampler has {sampler.num_rows} rows padded to "
+                    f"{len(sampler.temperature)}; the step has {len(rows)} padded to {b}"
+                )
+            fn = self.steps.decode_sample if decode else self.steps.prefill_sample
+            table, inputs, sampling = jax.device_put(
+                (table, inputs, SamplerInputs.from_batch(sampler))
+            )
+            return PreparedStep(fn, table, inputs, tuple(rows), False, sampling)
         if decode:
             fn = self.steps.decode
         else:
             fn = self.steps.prefill_all if all_logits else self.steps.prefill
+        table, inputs = jax.device_put((table, inputs))
         return PreparedStep(fn, table, inputs, tuple(rows), all_logits)
+
+    def dispatch(self, prepared: PreparedStep) -> jax.Array:
+        """Start a prepared sampling step (asynchronously); keeps the updated pool.
+        Returns the rows' next tokens on the device, int32 [padded batch]."""
+        if prepared.sampler is None:
+            raise ValueError("dispatch runs sampling steps: prepare(..., sampler=...)")
+        tokens, self.pool = prepared.fn(
+            self.params, self.pool, prepared.table, prepared.inputs, prepared.sampler
+        )
+        return tokens
+
+    def fetch_tokens(self, pending: Sequence[jax.Array], counts: Sequence[int]) -> np.ndarray:
+        """Wait for dispatched steps; their first counts[i] tokens, concatenated (int32)."""
+        fetched = jax.device_get(list(pending))
+        return np.concatenate([t[:n] for t, n in zip(fetched, counts)])
 
     def execute(self, prepared: PreparedStep):
         """Run a prepared step; keeps the updated pool. Returns the rows' logits (numpy)."""
+        if prepared.sampler is not None:
+            raise ValueError("a sampling step returns tokens: run it with dispatch")
         logits, self.pool = prepared.fn(self.params, self.pool, prepared.table, prepared.inputs)
         rows = prepared.rows
         logits = np.asarray(logits)[: len(rows)]
@@ -276,10 +318,12 @@ class ModelRunner:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedStep:
-    """A step ready to run: fn(params, pool, table, inputs) -> (logits, pool)."""
+    """A step ready to run: fn(params, pool, table, inputs) -> (logits, pool), or with
+    `sampler`, fn(params, pool, table, inputs, sampler) -> (tokens, pool)."""
 
     fn: object
     table: object
     inputs: StepInputs
     rows: tuple[StepRow, ...]
     all_logits: bool
+    sampler: SamplerInputs | None = None

@@ -8,6 +8,10 @@ serving never compiles again.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+
 import jax
 import numpy as np
 
@@ -17,7 +21,9 @@ from jenga_jax.device.pool import PoolLayout
 from jenga_jax.engine.model_runner import PreparedStep
 from jenga_jax.engine.page_table_builder import StepRow
 from jenga_jax.engine.sampling import SamplerBatch, SamplingParams
-from jenga_jax.engine.steps import StepInputs
+from jenga_jax.engine.steps import SamplerInputs, StepInputs
+
+LOG = logging.getLogger("jenga_jax")
 
 
 def padding_table(layout: PoolLayout, batch: int, queries: int, kind_pages, encoder: int):
@@ -63,24 +69,34 @@ def step_shapes(engine) -> list[tuple[bool, int, int, int]]:
     return shapes
 
 
-def warmup(engine) -> int:
-    """Run every step shape and the sampler at every batch size once; returns how many
-    step shapes ran. The pool is unchanged (padding rows write nothing)."""
+def warmup(engine, progress: Callable[[int, int], None] | None = None) -> int:
+    """Run every step shape once, the sampler inside it; returns how many step shapes
+    ran. The pool is unchanged (padding rows write nothing). progress(done, total) is
+    called after each shape; each is also logged (logger "jenga_jax", DEBUG)."""
     runner = engine.runner
     cfg = engine.cfg
     steps = runner.steps
     shapes = step_shapes(engine)
-    for decode, batch, queries, encoder in shapes:
+    for done, (decode, batch, queries, encoder) in enumerate(shapes, 1):
         table = padding_table(runner.layout, batch, queries, engine.kind_pages, encoder)
         embeds = np.zeros((batch, encoder, cfg.vision_dim), cfg.dtype) if encoder else None
         inputs = StepInputs(np.zeros((batch, queries), np.int32), embeds)
-        fn = steps.decode if decode else steps.prefill
-        table, inputs = jax.device_put((table, inputs))
-        runner.execute(PreparedStep(fn, table, inputs, (StepRow("", 0, 1),), False))
-    for batch in runner.buckets.batch:  # the sampler at every batch size
         params = [SamplingParams(temperature=1.0)] * batch
         sampler = SamplerBatch.build(
             params, [0] * batch, [""] * batch, vocab_size=cfg.vocab_size, engine_seed=0
         )
-        sampler.sample(np.zeros((batch, cfg.vocab_size), np.float32))
+        fn = steps.decode_sample if decode else steps.prefill_sample
+        table, inputs, sampling = jax.device_put(
+            (table, inputs, SamplerInputs.from_batch(sampler))
+        )
+        step = PreparedStep(fn, table, inputs, (StepRow("", 0, 1),), False, sampling)
+        t0 = time.perf_counter()
+        runner.fetch_tokens([runner.dispatch(step)], [1])
+        LOG.debug(
+            "step shape %d/%d (%s, batch %d, queries %d, encoder %d): %.2f s",
+            done, len(shapes), "decode" if decode else "prefill", batch, queries, encoder,
+            time.perf_counter() - t0,
+        )  # fmt: skip
+        if progress is not None:
+            progress(done, len(shapes))
     return len(shapes)
