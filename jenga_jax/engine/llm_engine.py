@@ -1,16 +1,16 @@
 """The engine: requests in, tokens out, over one model and one shared paged pool.
 
 ``add_request`` validates and queues; ``step`` schedules (``Scheduler``), dispatches
-the decode rows and the prefill chunks as two jitted steps over the same pool, each
-sampling on the device, fetches one token id per row (never logits), keeps the tokens
+the decode rows and the prefill chunks as two jitted steps over the same pool, samples
+their logits on the device, fetches one token id per row (never logits), keeps the tokens
 of the rows that reached the end of their known tokens, and finishes requests on a stop
 token or at ``max_tokens``. ``generate`` and ``stream`` drive
 ``step`` for you; ``abort`` frees a request's pages at once. Given a ``Tokenizer``,
 prompts may be text, outputs carry ``text``, requests stop on its end-of-sequence ids,
 and ``stream_text`` yields text.
 
-Everything but the model steps (with the sampler inside) is host Python; the device
-sees one page table per jitted call. With a fixed seed a request's tokens do not depend on batching,
+Everything but the model steps and the sampler is host Python; the device sees one
+page table per jitted step. With a fixed seed a request's tokens do not depend on batching,
 chunking or preemption (sampling keys are per request and position).
 """
 

@@ -27,7 +27,7 @@ from jenga_jax.device.pool import PoolLayout
 from jenga_jax.engine.buckets import Buckets
 from jenga_jax.engine.page_table_builder import StepRow, build_page_table
 from jenga_jax.engine.sampling import SamplerBatch
-from jenga_jax.engine.steps import SamplerInputs, StepInputs, make_steps
+from jenga_jax.engine.steps import SamplerInputs, StepInputs, make_steps, sample_on_device
 from pallas_kernels import choose_backend, parse_backend
 
 
@@ -244,8 +244,8 @@ class ModelRunner:
     ):
         """The step function and its device inputs for allocated rows (nothing runs).
 
-        With `sampler` (one row per step row, padded to the step's batch bucket) the step
-        samples on the device: run it with :meth:`dispatch`."""
+        With `sampler` (one row per step row, padded to the step's batch bucket) the
+        step's logits are sampled on the device: run it with :meth:`dispatch`."""
         if decode and all_logits:
             raise ValueError("all_logits is for prefill steps")
         if sampler is not None and all_logits:
@@ -277,10 +277,10 @@ class ModelRunner:
                     f"the sampler has {sampler.num_rows} rows padded to "
                     f"{len(sampler.temperature)}; the step has {len(rows)} padded to {b}"
                 )
-            fn = self.steps.decode_sample if decode else self.steps.prefill_sample
             table, inputs, sampling = jax.device_put(
                 (table, inputs, SamplerInputs.from_batch(sampler))
             )
+            fn = self.steps.decode if decode else self.steps.prefill
             return PreparedStep(fn, table, inputs, tuple(rows), False, sampling)
         if decode:
             fn = self.steps.decode
@@ -294,9 +294,8 @@ class ModelRunner:
         Returns the rows' next tokens on the device, int32 [padded batch]."""
         if prepared.sampler is None:
             raise ValueError("dispatch runs sampling steps: prepare(..., sampler=...)")
-        tokens, self.pool = prepared.fn(
-            self.params, self.pool, prepared.table, prepared.inputs, prepared.sampler
-        )
+        logits, self.pool = prepared.fn(self.params, self.pool, prepared.table, prepared.inputs)
+        tokens, _ = sample_on_device(logits, prepared.sampler)  # logits stay on the device
         return tokens
 
     def fetch_tokens(self, pending: Sequence[jax.Array], counts: Sequence[int]) -> np.ndarray:
@@ -318,8 +317,8 @@ class ModelRunner:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedStep:
-    """A step ready to run: fn(params, pool, table, inputs) -> (logits, pool), or with
-    `sampler`, fn(params, pool, table, inputs, sampler) -> (tokens, pool)."""
+    """A step ready to run: fn(params, pool, table, inputs) -> (logits, pool); with
+    `sampler`, the logits are sampled on the device (:meth:`ModelRunner.dispatch`)."""
 
     fn: object
     table: object

@@ -1,9 +1,9 @@
 """Jitted prefill and decode steps over the shared pool.
 
-``(params, pool, page_table, inputs) -> (logits, pool)`` for callers that want logits
-(``ModelRunner.step``, tests), and ``(params, pool, page_table, inputs, sampler) ->
-(tokens, pool)`` for the engine: the sampler runs inside the step, so what crosses to
-the host is one int32 token id per row, never the logits [rows, vocab].
+``(params, pool, page_table, inputs) -> (logits, pool)``. The engine leaves the logits
+on the device and samples them there (``sample_on_device``, compiled once per batch
+bucket rather than into every step shape), so what crosses to the host is one int32
+token id per row, never the logits [rows, vocab].
 
 The pool is donated: XLA updates it in place and the caller must use the returned one.
 """
@@ -21,7 +21,7 @@ from jax.experimental import checkify
 from jenga_jax.device.layer_cache import PagedCache
 from jenga_jax.device.page_table import PageTable, check_matches, device_checks
 from jenga_jax.device.pool import PoolLayout
-from jenga_jax.engine.sampling import row_keys, sample
+from jenga_jax.engine.sampling import row_keys, sample_rows
 
 PREFILL_NAME = "jenga_prefill_step"
 DECODE_NAME = "jenga_decode_step"
@@ -92,19 +92,17 @@ def _step(graphdef, params, pool, table, inputs, *, layout, all_logits, backend)
     return model.logits(hidden), cache.pool
 
 
-def _sampling_step(graphdef, params, pool, table, inputs, sampler, *, layout, backend):
-    """The step, then one token per row from its last real token's logits."""
-    if sampler.temperature.shape != (table.batch,):
+@jax.jit
+def sample_on_device(logits, sampler: SamplerInputs):
+    """(tokens int32 [B], logprobs float32 [B]) from a step's logits [B, V], on the
+    device: the keys, then ``sampling.sample_rows``."""
+    if sampler.temperature.shape != logits.shape[:1]:
         raise ValueError(
-            f"sampler inputs must be [{table.batch}] (the step's batch), "
+            f"sampler inputs must be [{logits.shape[0]}] (the step's batch), "
             f"got {sampler.temperature.shape}"
         )
-    logits, pool = _step(
-        graphdef, params, pool, table, inputs, layout=layout, all_logits=False, backend=backend
-    )  # [B, V]
     keys = row_keys(sampler.seeds, sampler.streams, sampler.positions)  # [B]
-    tokens = sample(logits, sampler.temperature, sampler.top_k, sampler.top_p, keys)  # [B]
-    return tokens, pool
+    return sample_rows(logits, sampler.temperature, sampler.top_k, sampler.top_p, keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +112,6 @@ class Steps:
     prefill(params, pool, table, inputs) -> (logits [B, V] of each row's last token, pool)
     prefill_all(...) -> (logits [B, Q, V] of every query token, pool)
     decode(...) -> (logits [B, V], pool), Q = 1
-    prefill_sample / decode_sample(params, pool, table, inputs, sampler: SamplerInputs)
-    -> (tokens int32 [B], pool): each row's next token, sampled on the device
     With debug=True every page id of the table is first checked on the device
     (checkify, a separate small jitted check): a bad id raises
     ``checkify.JaxRuntimeError`` before the step runs, and the pool is left as it was.
@@ -124,8 +120,6 @@ class Steps:
     prefill: Callable
     prefill_all: Callable
     decode: Callable
-    prefill_sample: Callable
-    decode_sample: Callable
     params: nnx.State
     layout: PoolLayout
 
@@ -143,22 +137,22 @@ def make_steps(
         checkify.checkify(lambda table: device_checks(table, layout), errors=checkify.user_checks)
     )
 
-    def build(name: str, all_logits: bool = False, sampling: bool = False):
-        def step(params, pool, table, inputs, *sampler):
-            kw = dict(layout=layout, backend=attention_backend)
-            if sampling:
-                return _sampling_step(graphdef, params, pool, table, inputs, *sampler, **kw)
-            return _step(graphdef, params, pool, table, inputs, all_logits=all_logits, **kw)
+    def build(name: str, all_logits: bool = False):
+        def step(params, pool, table, inputs):
+            return _step(
+                graphdef, params, pool, table, inputs,
+                layout=layout, all_logits=all_logits, backend=attention_backend,
+            )  # fmt: skip
 
         step.__name__ = name
         jitted = jax.jit(step, donate_argnums=(1,))
         if not debug:
             return jitted
 
-        def run(params, pool, table, *rest):
+        def run(params, pool, table, inputs):
             err, _ = checked_table(table)
             err.throw()
-            return jitted(params, pool, table, *rest)
+            return jitted(params, pool, table, inputs)
 
         run.jitted = jitted
         return run
@@ -167,8 +161,6 @@ def make_steps(
         prefill=build(PREFILL_NAME),
         prefill_all=build(PREFILL_NAME + "_all", all_logits=True),
         decode=build(DECODE_NAME),
-        prefill_sample=build(PREFILL_NAME + "_sample", sampling=True),
-        decode_sample=build(DECODE_NAME + "_sample", sampling=True),
         params=params,
         layout=layout,
     )

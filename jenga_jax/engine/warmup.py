@@ -70,8 +70,8 @@ def step_shapes(engine) -> list[tuple[bool, int, int, int]]:
 
 
 def warmup(engine, progress: Callable[[int, int], None] | None = None) -> int:
-    """Run every step shape once, the sampler inside it; returns how many step shapes
-    ran. The pool is unchanged (padding rows write nothing). progress(done, total) is
+    """Run every step shape once, and the device sampler at its batch; returns how many
+    step shapes ran. The pool is unchanged (padding rows write nothing). progress(done, total) is
     called after each shape; each is also logged (logger "jenga_jax", DEBUG)."""
     runner = engine.runner
     cfg = engine.cfg
@@ -85,7 +85,7 @@ def warmup(engine, progress: Callable[[int, int], None] | None = None) -> int:
         sampler = SamplerBatch.build(
             params, [0] * batch, [""] * batch, vocab_size=cfg.vocab_size, engine_seed=0
         )
-        fn = steps.decode_sample if decode else steps.prefill_sample
+        fn = steps.decode if decode else steps.prefill
         table, inputs, sampling = jax.device_put(
             (table, inputs, SamplerInputs.from_batch(sampler))
         )
