@@ -20,15 +20,43 @@ A kind gets a small page in the request-aware order of Jenga (section 2.1):
 `feasible` tells exactly whether a set of demands can be met, so that an allocation
 is refused before anything changes; `take` then never fails, because when the
 demands leave no spare large page it only uses slots that do not cost one.
+
+Eviction order without churn. An evictable page's key is (access time, tie-break, page).
+A page a running request left behind (out of its window, balanced eviction) is
+"adopted": its access time is the request's latest step, which `touch` moves forward.
+Adopted pages are kept per owner, in an owner group (one heap per kind, keyed by
+tie-break), and the groups in an ordered dict by their owner's latest step, so that a
+step moves one group, not its pages. The LRU of kind k is then the smaller of the top
+of a heap of the other pages and the top of the oldest group of that kind. Large pages
+likewise: a wholly evictable large page sits in the static heap, or in the group of
+the owner whose page is its newest. Every heap entry is pushed once per real change
+(a release, a requeue, an adoption, a large page changing); stale entries carry an old
+version and are dropped when they surface. The evictor itself pushes only for a large
+page whose newest page changed owner by a step (or skipped pages, see `take`).
 """
 
 from __future__ import annotations
 
 import heapq
 import random
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
 FREE, HELD, EVICTABLE = "free", "held", "evictable"
+
+
+class _OwnerGroup:
+    """The adopted evictable pages of one running request: they share its latest step."""
+
+    __slots__ = ("owner", "ts", "pages", "count", "large", "total")
+
+    def __init__(self, owner: object, ts: float):
+        self.owner = owner
+        self.ts = ts  # the owner's latest step: the access time of all these pages
+        self.pages: dict[int, list[tuple]] = {}  # kind -> heap of (tie, page, version)
+        self.count: dict[int, int] = {}  # kind -> adopted pages of that kind
+        self.large: list[tuple] = []  # heap of (tie, large page, large version)
+        self.total = 0
 
 
 class TwoLevelAllocator:
@@ -57,7 +85,7 @@ class TwoLevelAllocator:
         self.ts = [[0.0] * (num_large * r) for r in self.ratio]  # last access (evictable)
         self.tie = [[0] * (num_large * r) for r in self.ratio]  # eviction tie-break
         self.ver = [[0] * (num_large * r) for r in self.ratio]  # invalidates heap entries
-        self.evict_heap: list[list[tuple]] = [[] for _ in kinds]
+        self.evict_heap: list[list[tuple]] = [[] for _ in kinds]  # (ts, tie, page, version)
         # Large pages.
         self.lkind = [-1] * num_large
         self.lfree: list[list[int]] = [[] for _ in range(num_large)]
@@ -69,19 +97,24 @@ class TwoLevelAllocator:
         if shuffle_seed is not None:  # random placement (tests: nothing may rely on order)
             random.Random(shuffle_seed).shuffle(self.empty)
         self.partial: list[dict[int, None]] = [{} for _ in kinds]  # ordered set of large ids
-        self.large_heap: list[tuple] = []
+        self.large_heap: list[tuple] = []  # (ts, tie, large page, large version)
+        self.dirty: dict[int, None] = {}  # large pages whose eviction key changed
         # Counters, per kind.
         self.nfree = [0 for _ in kinds]  # free slots inside split large pages
         self.ncached = [0 for _ in kinds]  # evictable pages
         self.nheld = [0 for _ in kinds]
         self.nzero = [0 for _ in kinds]  # split large pages with no held page
         self.evicted_pages = 0
+        self.heap_pushes = 0  # every push onto an eviction heap (cost counter, for tests)
+        self.evictor_pushes = 0  # of which the evictor pushed while looking for a victim
         # Balanced eviction: an evictable page released by a still-running request (out
-        # of its window) counts as accessed at that request's latest step. `owner` maps
-        # such pages to their request; `last_access(owner)` (set by the manager) gives
-        # that step, or None once the request is gone. Refreshed lazily, on eviction.
+        # of its window) counts as accessed at that request's latest step (`adopt`,
+        # `touch`). `owner` maps such pages to their request, `groups` the requests
+        # (by id) to their group; the ordered dicts keep the groups oldest step first.
         self.owner: list[dict[int, object]] = [{} for _ in kinds]
-        self.last_access = lambda owner: None
+        self.groups: dict[int, _OwnerGroup] = {}
+        self.page_owners: list[OrderedDict[int, _OwnerGroup]] = [OrderedDict() for _ in kinds]
+        self.large_owners: OrderedDict[int, _OwnerGroup] = OrderedDict()
 
     # ------------------------------------------------------------------ queries
     def state(self, k: int, p: int) -> str:
@@ -99,26 +132,46 @@ class TwoLevelAllocator:
     def num_empty(self) -> int:
         return len(self.empty)
 
-    def _spare_large(self, demand: Sequence[int]) -> int:
+    def _spare_large(self, demand: Sequence[int], cached=None, zero=None) -> int:
         """Large pages left over once `demand[k]` more pages of every kind are met.
 
         Negative means the demands cannot be met. Exact: slots in large pages that
         hold a page are usable by their kind only; every large page without a held
-        page can be emptied (by eviction) and split for any kind.
+        page can be emptied (by eviction) and split for any kind. `cached` and `zero`
+        (per kind) stand in for `ncached` and `nzero` (see `feasible_after_share`).
         """
+        cached = cached or self.ncached
+        zero = zero or self.nzero
         need = 0
         pool = len(self.empty)
         for k, d in enumerate(demand):
-            pool += self.nzero[k]
+            pool += zero[k]
             if d:
                 r = self.ratio[k]
-                stuck = self.nfree[k] + self.ncached[k] - r * self.nzero[k]
+                stuck = self.nfree[k] + cached[k] - r * zero[k]
                 if d > stuck:
                     need += -(-(d - stuck) // r)
         return pool - need
 
     def feasible(self, demand: Sequence[int]) -> bool:
         return self._spare_large(demand) >= 0
+
+    def feasible_after_share(self, demand: Sequence[int], shared) -> bool:
+        """`feasible(demand)` as it would be once every (kind, page) of `shared` (cached
+        pages: a prefix hit) is shared, without sharing them: a refused admission
+        changes nothing, so it leaves no requeued pages behind."""
+        cached, zero = list(self.ncached), list(self.nzero)
+        seen: set[tuple[int, int]] = set()
+        bigs: set[int] = set()
+        for k, p in shared:
+            if self.ref[k][p] == 0 and (k, p) not in seen:
+                seen.add((k, p))
+                cached[k] -= 1
+                big = p // self.ratio[k]
+                if self.lheld[big] == 0 and big not in bigs:
+                    bigs.add(big)
+                    zero[k] -= 1
+        return self._spare_large(demand, cached, zero) >= 0
 
     # ------------------------------------------------------------------ taking
     def take(self, k: int, owner: object, owned: list[int], demand: list[int]) -> int:
@@ -209,7 +262,7 @@ class TwoLevelAllocator:
             self.ncached[k] -= 1
             self.lcached[big] -= 1
             self.ver[k][p] += 1
-            self.owner[k].pop(p, None)
+            self._disown(k, p)
             self._hold_new(k, big)
         ref[p] += 1
 
@@ -231,29 +284,98 @@ class TwoLevelAllocator:
             self.requeue(k, p, ts, tie)
         else:
             if self.lheld[big] == 0 and self.lcached[big]:
-                self._push_large(big)
+                self.dirty[big] = None
             self._free_slot(k, big, p)
 
     def requeue(self, k: int, p: int, ts: float, tie: int) -> None:
-        """Give evictable page p the eviction key (ts, tie), in both LRU heaps.
-
-        Also the undo of a refused hit: the page gets its earlier access time back.
-        """
+        """Give evictable page p the eviction key (ts, tie); an adopted page leaves its group."""
+        self._disown(k, p)
         self.ts[k][p] = ts
         self.tie[k][p] = tie
         v = self.ver[k][p] = self.ver[k][p] + 1
+        self.heap_pushes += 1
         heapq.heappush(self.evict_heap[k], (ts, tie, p, v))
         big = p // self.ratio[k]
         if self.lheld[big] == 0:
-            self._push_large(big)
+            self.dirty[big] = None
+
+    # ------------------------------------------------------------------ adopted pages
+    def adopt(self, k: int, p: int, owner: object) -> None:
+        """Evictable page p, just released by the still-running `owner` at its latest step,
+        counts as accessed whenever the owner steps (`touch`) until it is requeued."""
+        ts = self.ts[k][p]  # the newest time so far: the group goes last
+        g = self.groups.get(id(owner))
+        if g is None:
+            g = self.groups[id(owner)] = _OwnerGroup(owner, ts)
+            self.large_owners[id(owner)] = g
+        else:
+            g.ts = ts
+            self.large_owners.move_to_end(id(owner))
+        self._disown(k, p)
+        self.owner[k][p] = owner
+        owners = self.page_owners[k]
+        if id(owner) in owners:
+            owners.move_to_end(id(owner))
+            g.count[k] += 1
+        else:
+            owners[id(owner)] = g
+            g.count[k] = 1
+            g.pages[k] = []
+        g.total += 1
+        v = self.ver[k][p] = self.ver[k][p] + 1
+        self.heap_pushes += 1
+        heapq.heappush(g.pages[k], (self.tie[k][p], p, v))
+        big = p // self.ratio[k]
+        if self.lheld[big] == 0:
+            self.dirty[big] = None
+
+    def touch(self, owner: object, ts: float) -> None:
+        """`owner` stepped at `ts` (the newest time so far): so did its adopted pages."""
+        g = self.groups.get(id(owner))
+        if g is None:
+            return
+        g.ts = ts
+        self.large_owners.move_to_end(id(owner))
+        for k in g.count:
+            self.page_owners[k].move_to_end(id(owner))
+
+    def _disown(self, k: int, p: int) -> None:
+        owner = self.owner[k].pop(p, None)
+        if owner is None:
+            return
+        g = self.groups[id(owner)]
+        left = g.count[k] - 1
+        if left:
+            g.count[k] = left
+        else:
+            del g.count[k], g.pages[k], self.page_owners[k][id(owner)]
+        g.total -= 1
+        if not g.total:
+            del self.groups[id(owner)], self.large_owners[id(owner)]
+
+    def _large_key(self, big: int) -> tuple[float, int, _OwnerGroup | None]:
+        """(ts, tie) of the newest evictable page of a large page, and its owner group."""
+        k = self.lkind[big]
+        ts, tie, owner = self.ts[k], self.tie[k], self.owner[k]
+        best: tuple = ()
+        group = None
+        for q in self._cached_in(big):
+            o = owner.get(q)
+            g = None if o is None else self.groups[id(o)]
+            key = (ts[q] if g is None else g.ts, tie[q])
+            if key > best:
+                best, group = key, g
+        return best[0], best[1], group
 
     def _push_large(self, big: int) -> None:
-        """(Re)queue a wholly evictable large page, keyed by its newest page's eviction key."""
-        k = self.lkind[big]
-        ts, tie = self.ts[k], self.tie[k]
-        key = max((ts[q], tie[q]) for q in self._cached_in(big))
-        self.lver[big] += 1
-        heapq.heappush(self.large_heap, (*key, big, self.lver[big]))
+        """(Re)queue a wholly evictable large page, keyed by its newest page."""
+        ts, tie, group = self._large_key(big)
+        v = self.lver[big] = self.lver[big] + 1
+        self.heap_pushes += 1
+        if group is None:
+            heapq.heappush(self.large_heap, (ts, tie, big, v))
+        else:
+            heapq.heappush(group.large, (tie, big, v))
 
     def _free_slot(self, k: int, big: int, p: int) -> None:
         self.lfree[big].append(p)
@@ -292,7 +414,7 @@ class TwoLevelAllocator:
     def unregister(self, k: int, p: int) -> None:
         """Take page p out of the cache (a held page whose content was never computed)."""
         del self.cache[k][self.key[k].pop(p)]
-        self.owner[k].pop(p, None)
+        self._disown(k, p)
         group = self.group[k].pop(p, None)
         if group is not None:
             members = self.group_pages[k][group]
@@ -315,53 +437,87 @@ class TwoLevelAllocator:
             self.lcached[big] -= 1
             self.evicted_pages += 1
             self._free_slot(k, big, q)
+            if self.lheld[big] == 0 and self.lcached[big]:
+                self.dirty[big] = None  # its newest page may have gone
 
     def _evict_lru_page(self, k: int, restricted: bool) -> int:
-        heap = self.evict_heap[k]
-        skipped = []
+        """Evict the LRU evictable page of kind k (restricted: in a large page with a
+        held page). Candidates: the top of the static heap, the top of the oldest group."""
+        heap, ver, ref, keys = self.evict_heap[k], self.ver[k], self.ref[k], self.key[k]
+        owner = self.owner[k]
+        skipped: list[tuple[list, tuple]] = []
         try:
             while True:
-                entry = heapq.heappop(heap)
-                _, _, p, v = entry
-                if v != self.ver[k][p]:
-                    continue
-                if self._refresh(k, p):
-                    continue
+                while heap:  # drop stale entries
+                    _, _, p, v = heap[0]
+                    if v == ver[p] and not ref[p] and p in keys and p not in owner:
+                        break
+                    heapq.heappop(heap)
+                top = None
+                for g in self.page_owners[k].values():  # the oldest group with an entry left
+                    pages = g.pages[k]
+                    while pages and (pages[0][2] != ver[pages[0][1]] or pages[0][1] not in owner):
+                        heapq.heappop(pages)
+                    if pages:
+                        top = g
+                        break
+                if top is not None and (not heap or (top.ts, *top.pages[k][0][:2]) < heap[0][:3]):
+                    source = top.pages[k]
+                    p = source[0][1]
+                elif heap:
+                    source = heap
+                    p = heap[0][2]
+                else:
+                    raise RuntimeError(f"no evictable page of kind {k}")
+                entry = heapq.heappop(source)
                 if restricted and self.lheld[p // self.ratio[k]] == 0:
-                    skipped.append(entry)
+                    skipped.append((source, entry))
                     continue
                 self._evict(k, p)
                 return p
         finally:
-            for entry in skipped:
-                heapq.heappush(heap, entry)
+            for source, entry in skipped:
+                self.heap_pushes += 1
+                self.evictor_pushes += 1
+                heapq.heappush(source, entry)
 
     def _evict_lru_large(self) -> bool:
-        heap = self.large_heap
-        while heap:
-            _, _, big, v = heapq.heappop(heap)
-            if v != self.lver[big] or self.lheld[big] or not self.lcached[big]:
+        """Evict every cached page of the LRU wholly evictable large page (False: none)."""
+        for big in self.dirty:
+            if self.lheld[big] == 0 and self.lcached[big]:
+                self._push_large(big)
+        self.dirty.clear()
+        heap, lver, lheld, lcached = self.large_heap, self.lver, self.lheld, self.lcached
+        while True:
+            while heap and (heap[0][3] != lver[heap[0][2]] or lheld[heap[0][2]]):
+                heapq.heappop(heap)
+            top = None
+            for g in self.large_owners.values():  # the oldest group with an entry left
+                large = g.large
+                while large and (large[0][2] != lver[large[0][1]] or lheld[large[0][1]]):
+                    heapq.heappop(large)
+                if large:
+                    top = g
+                    break
+            if top is not None and (not heap or (top.ts, *top.large[0][:2]) < heap[0][:3]):
+                tie, big, _ = heapq.heappop(top.large)
+                key = (top.ts, tie)
+            elif heap:
+                ts, tie, big, _ = heapq.heappop(heap)
+                key = (ts, tie)
+            else:
+                return False
+            if not lcached[big]:
+                continue
+            ts, tie, _ = self._large_key(big)
+            if (ts, tie) != key:  # another owner of one of its pages stepped since
+                self.evictor_pushes += 1
+                self._push_large(big)
                 continue
             k = self.lkind[big]
-            cached = self._cached_in(big)
-            if any([self._refresh(k, q) for q in cached]):
-                continue  # requeued with the newer time
-            for q in cached:
+            for q in self._cached_in(big):
                 self._evict(k, q)
             return True
-        return False
-
-    def _refresh(self, k: int, p: int) -> bool:
-        """Give evictable page p its owner's newer access time, if it has one."""
-        owner = self.owner[k].get(p)
-        if owner is None:
-            return False
-        newer = self.last_access(owner)
-        if newer is None or newer <= self.ts[k][p]:
-            del self.owner[k][p]
-            return False
-        self.requeue(k, p, newer, self.tie[k][p])
-        return True
 
     def evict_all(self) -> int:
         """Drop every evictable page from the cache (a cache reset). Returns how many."""
@@ -372,4 +528,5 @@ class TwoLevelAllocator:
                     self._evict(k, p)
             self.evict_heap[k] = []
         self.large_heap = []
+        self.dirty.clear()
         return self.evicted_pages - before

@@ -99,7 +99,6 @@ class KVCacheManager:
             next(i for i, k in enumerate(kinds) if g.layer_indices[0] in k.layer_indices)
             for g in self.layout.groups
         ]
-        self.alloc.last_access = lambda req: req.last_ts if req.running else None
         self._clock = 0
         self._requests: dict[str, RequestState] = {}
         self._auto_id = 0
@@ -406,16 +405,11 @@ class KVCacheManager:
         shared = [
             (k, p) for part in (share, cross_hits) for k, pages in part.items() for p in pages
         ]
-        undo = [(k, p, alloc.ts[k][p], alloc.tie[k][p]) for k, p in shared if alloc.ref[k][p] == 0]
+        demand = self._demand_first(req, length, end, share, cross_hits)
+        if not alloc.feasible_after_share(demand, shared):  # refused: nothing changed
+            return AllocationResult(False, reason=self._refusal(demand))
         for k, p in shared:
             alloc.share(k, p)
-        demand = self._demand_first(req, length, end, share, cross_hits)
-        if not alloc.feasible(demand):
-            for k, p in shared:
-                alloc.release(k, p, 0.0)
-            for k, p, ts, tie in undo:  # evictable again, at their old access times
-                alloc.requeue(k, p, ts, tie)
-            return AllocationResult(False, reason=self._refusal(demand))
         # Commit: install the hit, then take the new pages.
         for k in self._token_kinds:
             tpp = self._tpp[k]
@@ -551,6 +545,8 @@ class KVCacheManager:
         req.state_due = any(req.frozen[k] for k in self._state_kinds)
         req.num_computed = n
         req.last_ts = ts
+        if req.released:  # its adopted pages count as accessed now
+            alloc.touch(req, ts)
 
     def _release_dead(self, req: RequestState, n: int, ts: int) -> None:
         """Release the pages sliding windows and chunks will never read again."""
@@ -565,7 +561,7 @@ class KVCacheManager:
                         pages[p] = None
                         alloc.release(k, page, *self._stamp(ts, (p + 1) * tpp))
                         if self._balanced and alloc.ref[k][page] == 0 and page in alloc.key[k]:
-                            alloc.owner[k][page] = req
+                            alloc.adopt(k, page, req)
                             req.released.append((k, page, (p + 1) * tpp))
                 req.first[k] = dead
         req.next_dead = self._next_dead(req)
@@ -644,8 +640,7 @@ class KVCacheManager:
         self._clock += 1
         ts = self._clock
         for k, page, prefix in req.released:  # balanced: they share the request's last access
-            if alloc.owner[k].get(page) is req:
-                del alloc.owner[k][page]
+            if alloc.owner[k].get(page) is req:  # requeue drops it from the request's group
                 alloc.requeue(k, page, *self._stamp(ts, prefix))
         req.released = []
         for k in range(self.num_kinds):
