@@ -115,7 +115,7 @@ class PagedCache:
         return s, self.layout.kinds[s.kind], self.table.kinds[s.kind]
 
     def _with_pool(self, view):
-        return dataclasses.replace(self, pool=self.layout.unview(view))
+        return dataclasses.replace(self, pool=self.layout.unview(view, self.pool.dtype))
 
     def attend(self, layer, q, k, v, *, kind, window, chunk, scale, soft_cap, sinks):
         """Write this step's k, v [B, Q, Hkv, D], then attend q [B, Q, H, D] over the pages.

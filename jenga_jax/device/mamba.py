@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jenga_jax.device.inplace import scatter_set
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 _F32 = jnp.float32
 
@@ -465,7 +467,8 @@ def write_state(view, page, layer: int, conv_state, ssm_state, *, after=None, fl
     after: an array computed from the old state besides the new state (the layer's
     output). The write is made to depend on it (through a dropped padding row), so
     that XLA sees every read of the old view ordered before this in-place write;
-    otherwise XLA:CPU may copy the whole pool to keep a late reader correct.
+    otherwise XLA:CPU may copy the whole pool to keep a late reader correct. A narrow-
+    float view is scattered on its bits on CPU (``inplace.scatter_set``).
     """
     _check_state_view(view, flat)
     idx = _page_index(page, view, unique=True)
@@ -498,4 +501,5 @@ def write_state(view, page, layer: int, conv_state, ssm_state, *, after=None, fl
     if after is not None:
         pad = pad + jnp.sum(jnp.asarray(after, _F32)).astype(state.dtype)
     idx = jnp.concatenate([idx, jnp.full((1,), view.shape[0], idx.dtype)])
-    return view.at[idx, where].set(jnp.concatenate([state, pad]), mode="drop")
+    # A narrow-float view is scattered on its bits on CPU (see inplace.py).
+    return scatter_set(view, (idx, where), jnp.concatenate([state, pad]))

@@ -4,7 +4,10 @@ One buffer ``pool [num_large_pages, large_page_elems]`` holds every kind's pages
 host plan (``jenga_jax.core.page_plan``) numbers each kind's small pages so that page
 ``p`` of kind ``k`` sits at flat element offset ``p * page_elems(k)``: a kind's view is
 a reshape of the same buffer (:meth:`PoolLayout.view`), which XLA compiles to a
-bitcast. Every kind stores its K/V (or state) in the pool's dtype.
+bitcast. Every kind stores its K/V (or state) in the pool's dtype. On CPU a pool of a
+narrow float (bfloat16, float16, float8) is stored as unsigned ints of the same bits
+(``jenga_jax/device/inplace.py``: XLA:CPU updates only those in place); its views are
+floats all the same, and :meth:`PoolLayout.values` reads it as floats.
 
 The baseline plans map onto the same views (see docs/device.md, "Baseline plans on the
 device"): the paged plan's one token kind holds every attention layer (``mixed``: each
@@ -22,6 +25,7 @@ import numpy as np
 
 from jenga_jax.core.layer_kinds import DTYPE_BYTES, AttentionType
 from jenga_jax.core.page_plan import PagePlan
+from jenga_jax.device import inplace
 from jenga_jax.device.mamba import state_view
 from jenga_jax.device.reference_attention import kind_view
 
@@ -144,19 +148,35 @@ class PoolLayout:
     def nbytes(self) -> int:
         return self.num_large_pages * self.large_page_elems * DTYPE_BYTES[self.dtype]
 
-    def full(self, value: float):
+    def storage_dtype(self, platform: str | None = None) -> np.dtype:
+        """The dtype the pool is stored in on `platform` (None: JAX's default backend):
+        the layout's dtype, or its bits (uint16 for bfloat16) on CPU."""
+        return inplace.storage_dtype(self.dtype, platform)
+
+    def full(self, value: float, platform: str | None = None):
         """A pool filled with `value` (0 for a fresh pool; NaN poisons pages nothing
-        wrote, in tests)."""
+        wrote, in tests), stored for `platform` (:meth:`storage_dtype`)."""
+        if self.storage_dtype(platform) != np.dtype(self.dtype):
+            return inplace.full_bits(self.shape, value, self.dtype)
         return jnp.full(self.shape, value, self.dtype)
 
-    def view(self, pool, kind: int):
-        """Kind `kind`'s zero-copy view: token kinds [pages, layers, 2, kv_heads, tpp, dim],
-        state kinds [pages, layers_per_page, per_layer_elems] ([pages, page_elems] when
-        padded)."""
-        if pool.shape != self.shape or pool.dtype != np.dtype(self.dtype):
+    def values(self, pool):
+        """The pool as floats of the layout's dtype [num_large_pages, large_page_elems]
+        (a bitcast of a pool stored as bits)."""
+        dtypes = {np.dtype(self.dtype), self.storage_dtype("cpu")}
+        if pool.shape != self.shape or pool.dtype not in dtypes:
+            want = " or ".join(sorted(str(d) for d in dtypes))
             raise ValueError(
-                f"pool must be {self.dtype} {list(self.shape)}, got {pool.dtype} {pool.shape}"
+                f"pool must be {want} {list(self.shape)}, got {pool.dtype} {pool.shape}"
             )
+        return inplace.as_float(pool, self.dtype)
+
+    def view(self, pool, kind: int):
+        """Kind `kind`'s zero-copy view, floats of the layout's dtype: token kinds [pages,
+        layers, 2, kv_heads, tpp, dim], state kinds [pages, layers_per_page,
+        per_layer_elems] ([pages, page_elems] when padded). The pool is stored in the
+        layout's dtype or as its bits (:meth:`storage_dtype`)."""
+        pool = self.values(pool)
         kv = self.kinds[kind]
         if kv.is_state:
             d_inner, d_state, d_conv = kv.state_dims
@@ -176,9 +196,11 @@ class PoolLayout:
             head_dim=kv.head_dim,
         )
 
-    def unview(self, view):
-        """Back to the pool shape (a bitcast, like :meth:`view`)."""
-        return view.reshape(self.shape)
+    def unview(self, view, dtype=None):
+        """Back to the pool shape (a bitcast, like :meth:`view`), stored as `dtype`
+        (None: the view's floats; or their bits: the dtype of the pool viewed)."""
+        pool = view.reshape(self.shape)
+        return pool if dtype is None else inplace.as_stored(pool, dtype)
 
 
 def _state_view(pk, common: dict, rules, state_dims, itemsize: int) -> KindView:

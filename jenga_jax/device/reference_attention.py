@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jenga_jax.device.inplace import scatter_set
+
 KINDS = ("full", "sliding", "chunked", "cross")
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -149,6 +151,9 @@ def write_kv(view, k, v, slot_pages, slot_offsets, *, layer: int, after=None):
     layers, e.g. image K/V, pass the layer's queries). It rides in a dropped padding
     slot, so that XLA sees the earlier reads of the pool ordered before this in-place
     write; otherwise XLA:CPU may copy the whole pool.
+
+    A bfloat16 (narrow-float) view is scattered on its bits on CPU
+    (:func:`jenga_jax.device.inplace.scatter_set`), in place and bit for bit.
     """
     _check_view(view)
     _check_layer(layer, view)
@@ -189,7 +194,9 @@ def write_kv(view, k, v, slot_pages, slot_offsets, *, layer: int, after=None):
         offsets = jnp.concatenate([offsets, jnp.zeros((1,), jnp.int32)])
         kv = jnp.concatenate([kv, pad])
     # Index arrays separated by slices: the token axis comes first in the indexed shape.
-    return view.at[pages, layer, :, :, offsets, :].set(kv, mode="drop")
+    # A narrow-float view is scattered on its bits on CPU (see inplace.py).
+    index = (pages, layer, slice(None), slice(None), offsets, slice(None))
+    return scatter_set(view, index, kv)
 
 
 # --------------------------------------------------------------------------- attention
