@@ -18,6 +18,7 @@ of at least 16 rows/keys/dims; ``head_dim`` is padded to a power of 2 with maske
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -66,8 +67,7 @@ def _kernel(
     kcol = jnp.arange(block_keys, dtype=jnp.int32)  # [BK]
     dcol = jnp.arange(head_dim_pad, dtype=jnp.int32)  # [Dp]
     padded = head_dim_pad != head_dim
-    # Plain iota when not padded, so that Triton sees contiguous rows and vectorizes.
-    d_idx = (jnp.minimum(dcol, head_dim - 1) if padded else dcol)[None, :]  # [1, Dp]
+    d_idx = dcol[None, :]  # [1, Dp]; padded columns are masked off, never read
 
     def body(i, carry):
         key = t_lo + i * block_keys + kcol  # [BK] absolute key positions
@@ -216,6 +216,56 @@ def _paged_attention(
     return rows.unfold_output(out, q_len, group, head_dim, q.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Triton tiling of one call: rows and keys per program step, warps, pipeline stages."""
+
+    block_rows: int
+    block_keys: int
+    num_warps: int
+    num_stages: int
+
+
+# (float32 K/V, padded head_dim) -> (decode (keys, warps), prefill (rows, keys, warps)).
+# Measured with benchmarks/aot_compile.py (ptxas for sm_90 and sm_80, docs/performance.md):
+# no register spills, shared memory within an A100's 163 KiB.
+_TILES = {
+    (False, 64): ((64, 4), (64, 64, 4)),
+    (False, 128): ((64, 4), (64, 64, 8)),
+    (False, 256): ((64, 4), (64, 16, 8)),  # prefill 64 or 32 keys spill
+    (True, 64): ((32, 8), (64, 32, 8)),  # float32: FMA units, tiles in registers
+    (True, 128): ((32, 8), (64, 32, 8)),
+    (True, 256): ((16, 8), (16, 16, 4)),  # 32 rows or 32 keys spill
+}
+
+
+def default_tiles(
+    q_len: int,
+    group: int,
+    head_dim: int,
+    dtype,
+    *,
+    block_rows: int | None = None,
+    block_keys: int | None = None,
+) -> Tiles:
+    """Default tiles for K/V ``dtype`` (the table above); a given rows / keys is kept.
+
+    Decode puts the GQA group (a power of 2 >= 16) in one tile. 16-bit K/V runs its dots
+    on tensor cores; float32 (exact: no TF32) on FMA units, so it takes fewer keys. Warps
+    go to 8 for a tile above 64 x 64 (rows x max(keys, head_dim)).
+    """
+    dim = max(16, pl.next_power_of_2(head_dim))
+    wide = jnp.dtype(dtype).itemsize > 2
+    (decode_keys, decode_warps), prefill = _TILES[wide, min(max(dim, 64), 256)]
+    rows, keys, warps = (None, decode_keys, decode_warps) if q_len == 1 else prefill
+    if block_rows is None:
+        block_rows = max(16, pl.next_power_of_2(group)) if q_len == 1 else rows
+    if block_keys is None:
+        block_keys = keys
+    big = block_rows * max(block_keys, dim) > 64 * 64
+    return Tiles(block_rows, block_keys, max(warps, 8 if big else 4), 2)
+
+
 def default_splits(batch: int, kv_heads: int, num_tiles: int, max_keys: int, block_keys: int):
     """Enough programs to fill the GPU twice, each with at least 4 key blocks."""
     programs = batch * kv_heads * num_tiles
@@ -243,7 +293,7 @@ def paged_attention(
     block_keys: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     interpret: bool = False,
 ):
     """Triton paged attention with the reference's signature and semantics.
@@ -253,9 +303,10 @@ def paged_attention(
     max_pages] (-1: no page); kv_lens int [batch]; q_positions int [batch, q_len] (-1:
     padding query, output 0). ``page_fill`` (cross only, int [batch, max_pages]): key at
     (page i, offset o) exists iff ``o < page_fill[b, i]`` (and its slot < kv_len).
-    Tiles: ``block_rows`` (rows = query x head-in-group, power of 2 >= 16; default: one
-    decode step's group, or 64 for prefill), ``block_keys`` (power of 2 >= 16, default
-    64), ``num_splits`` (default: flash decoding when the grid would not fill the GPU).
+    Tiles: ``block_rows`` (rows = query x head-in-group, power of 2 >= 16), ``block_keys``
+    (power of 2 >= 16), ``num_warps``, ``num_stages``: defaults per dtype and head_dim from
+    :func:`default_tiles`; ``num_splits`` (default: flash decoding when the grid would not
+    fill the GPU).
     Returns [batch, q_len, q_heads, head_dim] in q.dtype.
     """
     q, block_tables, kv_lens, q_positions, sinks, page_fill = check_paged_inputs(
@@ -276,20 +327,19 @@ def paged_attention(
     batch, q_len, q_heads, head_dim = q.shape
     kv_heads, tpp = view.shape[3], view.shape[4]
     group = q_heads // kv_heads
-    if block_rows is None:
-        block_rows = max(16, pl.next_power_of_2(group)) if q_len == 1 else 64
-    block_rows = positive_int("block_rows", block_rows, power_of_2=True, minimum=16)
-    block_keys = positive_int(
-        "block_keys", 64 if block_keys is None else block_keys, power_of_2=True, minimum=16
+    tiles = default_tiles(
+        q_len, group, head_dim, view.dtype, block_rows=block_rows, block_keys=block_keys
     )
+    block_rows = positive_int("block_rows", tiles.block_rows, power_of_2=True, minimum=16)
+    block_keys = positive_int("block_keys", tiles.block_keys, power_of_2=True, minimum=16)
     if num_splits is None:
         num_tiles = rows.padded_rows(q_len, group, block_rows) // block_rows
         num_splits = default_splits(
             batch, kv_heads, num_tiles, block_tables.shape[1] * tpp, block_keys
         )
     num_splits = positive_int("num_splits", num_splits)
-    if num_warps is None:
-        num_warps = 4 if block_rows * max(block_keys, head_dim) <= 64 * 64 else 8
+    num_warps = tiles.num_warps if num_warps is None else num_warps
+    num_stages = tiles.num_stages if num_stages is None else num_stages
     return _paged_attention(
         q,
         view,
