@@ -90,6 +90,8 @@ class PhaseTimer:
 
 
 def profile(running: int, steps: int, seed: int) -> dict:
+    if not 1 <= steps <= 60:
+        raise SystemExit("--steps must be in [1, 60]: requests generate at most 100 tokens")
     cfg = model_config()
     model = HybridDecoder(cfg, rngs=nnx.Rngs(seed))
     engine = Engine(
@@ -102,7 +104,7 @@ def profile(running: int, steps: int, seed: int) -> dict:
     shapes = engine.warmup()
     warmup_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 8)
+    params = SamplingParams(temperature=0.0, max_tokens=100)  # none finishes while timed
     for _ in range(running):
         n = int(rng.integers(100, 401))
         engine.add_request(rng.integers(0, cfg.vocab_size, n).tolist(), params)
@@ -138,7 +140,7 @@ def profile(running: int, steps: int, seed: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--running", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--steps", type=int, default=20, help="timed decode steps per size")
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps per size (<= 60)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="append one JSON line per size here")
     args = p.parse_args(argv)
