@@ -20,13 +20,17 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 # Parity tests (tests/test_hf_*.py) need torch + transformers: torch only from a local
 # CPU wheel (--no-index: never a multi-GB CUDA download); without it those tests skip.
 # The GPU compile tests (tests/test_triton_compile.py) need the triton package (CPU-only
-# use: it compiles for sm_90/sm_80 without a GPU); without it they skip.
+# use: it compiles for sm_90/sm_80 without a GPU); without it they skip. The TPU compile
+# tests (tests/test_tpu_compile.py) need libtpu (the tpu extra, ~200 MB; compile-only TPU
+# devices, no TPU needed); without it they skip.
 $(VENV)/.hf: $(VENV)/.installed
 	( $(PY) -m pip install -q --no-index --no-deps torch==$(TORCH_VERSION) && \
 	  $(PY) -m pip install -q -c $(LOCK) -e '.[hf]' ) || \
 	  echo "torch $(TORCH_VERSION) CPU is not available locally: the transformers parity tests will skip"
 	$(PY) -m pip install -q -c $(LOCK) -e '.[gpu-compile]' || \
 	  echo "triton is not installable: the GPU compile tests will skip"
+	$(PY) -m pip install -q -c $(LOCK) -e '.[tpu]' || \
+	  echo "libtpu is not installable: the TPU compile tests will skip"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -41,7 +45,7 @@ report: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-TESTED := jax jaxlib flax numpy transformers torch triton
+TESTED := jax jaxlib flax numpy transformers torch triton libtpu
 
 test: lint $(VENV)/.hf
 	@$(PY) -c 'import importlib.metadata as m, sys; \

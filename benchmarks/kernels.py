@@ -43,12 +43,12 @@ def visible_keys(kind: str, context: int, opts: dict) -> int:
 
 
 def make_inputs(batch, context, *, q_heads, kv_heads, head_dim, tpp, dtype, seed=0):
-    """A view [pages, 1, 2, kv_heads, tpp, head_dim] (what kind_view returns), randomly
+    """A view [pages, 1, tpp, 2 * kv_heads, head_dim] (what kind_view returns), randomly
     permuted block tables, every request at `context` tokens, the query at the last one."""
     pages_per_seq = -(-context // tpp)
     num_pages = batch * pages_per_seq
     key = jax.random.key(seed)
-    view = jax.random.normal(key, (num_pages, 1, 2, kv_heads, tpp, head_dim), dtype)
+    view = jax.random.normal(key, (num_pages, 1, tpp, 2 * kv_heads, head_dim), dtype)
     perm = jax.random.permutation(jax.random.fold_in(key, 1), num_pages).astype(jnp.int32)
     block_tables = perm.reshape(batch, pages_per_seq)
     kv_lens = jnp.full((batch,), context, jnp.int32)
@@ -80,8 +80,9 @@ def upstream_gpu(q, view, block_tables, kv_lens, *, scale: float, interpret: boo
     k_splits = max(d for d in range(1, 17) if pages_per_seq % d == 0)
     per_split = pages_per_seq // k_splits
     ppcb = max(d for d in range(1, 9) if per_split % d == 0)
-    k_pages = jnp.transpose(view[:, 0, 0], (1, 0, 2, 3))  # [kv_heads, pages, tpp, head_dim]
-    v_pages = jnp.transpose(view[:, 0, 1], (1, 0, 2, 3))
+    kv_heads = view.shape[3] // 2
+    k_pages = jnp.transpose(view[:, 0, :, :kv_heads], (2, 0, 1, 3))  # [kv_heads, pages, tpp, D]
+    v_pages = jnp.transpose(view[:, 0, :, kv_heads:], (2, 0, 1, 3))
     fn = jax.jit(
         functools.partial(
             upstream.paged_attention,

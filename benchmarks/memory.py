@@ -24,6 +24,7 @@ import time
 
 from jenga_jax.core import ALLOCATORS, AttentionType, get_layout, model_names
 from jenga_jax.core.memory_sim import simulate
+from jenga_jax.core.page_plan import make_plan, tpu_alignment
 from jenga_jax.core.workloads import load_trace, make_workload
 
 DEFAULT_REQUESTS = {"mmmu": 600, "arxiv-qa": 300, "sharegpt": 1000}
@@ -59,6 +60,12 @@ def parse_args(argv=None):
     p.add_argument("--num-requests", type=int, default=None, help="per workload (default varies)")
     p.add_argument("--state-checkpoint-interval", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tpu-aligned",
+        action="store_true",
+        help="plan pages as on TPU: tokens per page and state pages in whole tiles "
+        "(page_plan.tpu_alignment); the rows say which kinds stay unaligned",
+    )
     p.add_argument("--json", metavar="PATH", help="write one JSON object per row (JSON lines)")
     p.add_argument("--plot", metavar="PNG", help="plot held vs needed bytes (needs matplotlib)")
     return p.parse_args(argv)
@@ -106,6 +113,11 @@ def main(argv=None) -> int:
                     time.perf_counter() - t0,
                 )
                 row = res.row() | {"seconds": round(secs, 2)}
+                if args.tpu_aligned:
+                    plan = make_plan(
+                        layout, allocator, args.tokens_per_page, **_plan_options(layout, args)
+                    )
+                    row |= {"tpu_aligned": True, "unaligned_kinds": plan.unaligned_kinds()}
                 rows.append(row)
                 results.append(res)
                 print(
@@ -149,7 +161,13 @@ def run(layout, trace, allocator, budget, args, workload):
         tokens_per_page=args.tokens_per_page,
         workload=workload,
         seed=args.seed,
+        plan_options=_plan_options(layout, args),
     )
+
+
+def _plan_options(layout, args) -> dict | None:
+    """TPU alignment (--tpu-aligned), else the default plan."""
+    return tpu_alignment(layout) if args.tpu_aligned else None
 
 
 def plot(results, path: str) -> None:

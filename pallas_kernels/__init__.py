@@ -3,8 +3,8 @@
 - :func:`paged_attention` (:mod:`pallas_kernels.dispatch`): the reference's signature,
   backend chosen by platform (cpu: pure JAX, gpu: Triton, tpu: Mosaic).
 - :mod:`pallas_kernels.triton_paged`: GPU kernel (decode with split-K, ragged prefill).
-- :mod:`pallas_kernels.mosaic_paged`: TPU kernel (scalar-prefetched page tables,
-  double-buffered page DMAs).
+- :mod:`pallas_kernels.mosaic_paged`: TPU kernel (per-request SMEM block tables,
+  double-buffered DMAs of whole token-major pages, every KV head per program).
 - :mod:`pallas_kernels.rows`: the query-row layout and the merge of partials.
 
 See docs/kernels.md.

@@ -67,9 +67,9 @@ class PagedCase:
     tuning: tuple = ()  # (name, value) pairs for the kernel: block_keys, num_warps, ...
 
     @property
-    def view_shape(self):  # [P, L, 2, Hkv, tpp, D]
+    def view_shape(self):  # [P, L, tpp, 2 * Hkv, D]
         pages = self.batch * -(-self.context // self.tpp)
-        return (pages, 1, 2, self.kv_heads, self.tpp, self.head_dim)
+        return (pages, 1, self.tpp, 2 * self.kv_heads, self.head_dim)
 
     @property
     def pool_bytes(self) -> int:

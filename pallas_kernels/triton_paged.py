@@ -3,7 +3,7 @@
 One program per (request, KV head, row tile, split). It walks the keys its rows can
 see, ``block_keys`` at a time, starting at the tile's first visible key: pages before a
 sliding window or the current chunk are never touched. Keys are gathered straight from
-the kind's view ``[page, layer, kv, kv_head, offset, head_dim]`` (the page of key ``j``
+the kind's view ``[page, layer, offset, head, head_dim]`` (K heads, then V; the page of key ``j``
 is ``block_tables[b, j // tokens_per_page]``) with masked loads, so an invisible key or
 a missing page is not read at all. With ``num_splits > 1`` the visible keys are cut into
 that many contiguous parts run by separate programs (flash decoding) and the float32
@@ -52,7 +52,7 @@ def _kernel(
     else:
         fill_ref, (view_ref, acc_ref, m_ref, l_ref) = None, refs
     b, h, t, s = (pl.program_id(i) for i in range(4))
-    num_pages, _, _, _, tpp, _ = view_ref.shape
+    num_pages, _, tpp, heads2, _ = view_ref.shape  # [P, L, tpp, 2 * Hkv, D]
     max_pages = bt_ref.shape[1]
     block_rows, head_dim_pad = q_ref.shape
 
@@ -86,8 +86,9 @@ def _kernel(
         load = jnp.broadcast_to(load, (block_keys, head_dim_pad))
         page_idx = jnp.where(page_ok, page, 0)[:, None]  # [BK, 1]
         off_idx = off[:, None]
-        k = plgpu.load(view_ref.at[page_idx, layer, 0, h, off_idx, d_idx], mask=load, other=0)
-        v = plgpu.load(view_ref.at[page_idx, layer, 1, h, off_idx, d_idx], mask=load, other=0)
+        k = plgpu.load(view_ref.at[page_idx, layer, off_idx, h, d_idx], mask=load, other=0)
+        v_head = heads2 // 2 + h  # V heads follow the K heads
+        v = plgpu.load(view_ref.at[page_idx, layer, off_idx, v_head, d_idx], mask=load, other=0)
         logits = online_softmax.logits(q, k, scale=scale, soft_cap=soft_cap)  # [BR, BK]
         ok = visible & page_ok[None, :]
         broken = visible & ~page_ok[None, :]
@@ -123,7 +124,7 @@ def _kernel(
 )
 def _paged_attention(
     q,  # [B, Lq, Hq, D]
-    view,  # [P, L, 2, Hkv, tpp, D]
+    view,  # [P, L, tpp, 2 * Hkv, D]
     block_tables,  # [B, max_pages]
     kv_lens,  # [B]
     q_positions,  # [B, Lq]
@@ -144,7 +145,7 @@ def _paged_attention(
     interpret,
 ):
     batch, q_len, q_heads, head_dim = q.shape
-    kv_heads = view.shape[3]
+    kv_heads = view.shape[3] // 2
     group = q_heads // kv_heads
     head_dim_pad = max(16, pl.next_power_of_2(head_dim))
     rows_pad = rows.padded_rows(q_len, group, block_rows)
@@ -152,7 +153,7 @@ def _paged_attention(
 
     q_rows = rows.fold_queries(q, kv_heads, rows_pad, head_dim_pad, view.dtype)  # [B,Hkv,R,Dp]
     pos = rows.fold_positions(q_positions, group, rows_pad)  # [B, R]
-    max_keys = block_tables.shape[1] * view.shape[4]
+    max_keys = block_tables.shape[1] * view.shape[2]
     lo, hi = rows.key_bounds(  # [B, R]
         pos, kv_lens, kind=kind, window=window, chunk=chunk, max_keys=max_keys
     )
@@ -298,7 +299,7 @@ def paged_attention(
 ):
     """Triton paged attention with the reference's signature and semantics.
 
-    q [batch, q_len, q_heads, head_dim]; view [pages, layers, 2, kv_heads, tpp, head_dim]
+    q [batch, q_len, q_heads, head_dim]; view [pages, layers, tpp, 2 * kv_heads, head_dim]
     (:func:`jenga_jax.device.reference_attention.kind_view`); block_tables int [batch,
     max_pages] (-1: no page); kv_lens int [batch]; q_positions int [batch, q_len] (-1:
     padding query, output 0). ``page_fill`` (cross only, int [batch, max_pages]): key at
@@ -325,7 +326,7 @@ def paged_attention(
         page_fill=page_fill,
     )
     batch, q_len, q_heads, head_dim = q.shape
-    kv_heads, tpp = view.shape[3], view.shape[4]
+    kv_heads, tpp = view.shape[3] // 2, view.shape[2]
     group = q_heads // kv_heads
     tiles = default_tiles(
         q_len, group, head_dim, view.dtype, block_rows=block_rows, block_keys=block_keys

@@ -115,9 +115,10 @@ def test_pages_as_the_plan_says(outcome):
 
 def _stream(view, table, layer):
     """K and V [tokens, kv_heads, head_dim] of one layer along a block table."""
-    pages = np.asarray(view)[table, layer]  # [P, 2, kv_heads, tpp, head_dim]
-    kv = pages.transpose(1, 0, 3, 2, 4)  # [2, P, tpp, kv_heads, head_dim]
-    return kv.reshape(2, -1, *kv.shape[3:])
+    pages = np.asarray(view)[table, layer]  # [P, tpp, 2 * kv_heads, head_dim]
+    kv_heads = pages.shape[2] // 2
+    kv = pages.reshape(-1, 2, kv_heads, pages.shape[3]).transpose(1, 0, 2, 3)
+    return kv  # [2, P * tpp, kv_heads, head_dim]
 
 
 def test_paged_images_sit_inline_in_the_cross_layers_only():
@@ -181,7 +182,7 @@ def test_padded_state_pages_keep_their_tail_untouched(allocator):
         d_inner, d_state, d_conv = view.state_dims
         used = view.layers_per_page * ((d_conv - 1) * d_inner + d_inner * d_state)
         page = runner.manager.block_table("a", k)[-1]  # the state just written
-        flat = np.asarray(runner.layout.view(runner.pool, k))[page]  # [page_elems]
+        flat = np.asarray(runner.layout.view(runner.pool, k))[page].reshape(-1)  # [page_elems]
         assert used < view.page_elems and np.isfinite(flat[:used]).all()
         assert np.isnan(flat[used:]).all()
 
@@ -227,10 +228,10 @@ def test_key_offsets_skip_the_slots_before_the_text():
         pages = perm[used : used + -(-stream // tpp)]
         used += len(pages)
         bt[b, : len(pages)] = pages
-        view[pages[:, None], 0, :, :, np.arange(tpp)[None]] = np.nan  # nothing below
+        view[pages, 0] = np.nan  # nothing below
         for s in range(off, stream):
-            view[pages[s // tpp], 0, 0, :, s % tpp] = k[b, s - off] = rng.normal(size=(kvh, hd))
-            view[pages[s // tpp], 0, 1, :, s % tpp] = v[b, s - off] = rng.normal(size=(kvh, hd))
+            view[pages[s // tpp], 0, s % tpp, :kvh] = k[b, s - off] = rng.normal(size=(kvh, hd))
+            view[pages[s // tpp], 0, s % tpp, kvh:] = v[b, s - off] = rng.normal(size=(kvh, hd))
     q = rng.normal(size=(3, 4, 4, hd)).astype(np.float32)
     q_pos = np.stack([np.arange(n - 4, n) for n in texts]).astype(np.int32)
     k_pos = np.where(np.arange(12)[None] < texts[:, None], np.arange(12)[None], -1)
@@ -263,17 +264,17 @@ def test_flat_state_view_writes_only_its_layer():
     view = state_view(jnp.asarray(pool), layers_per_page=2, page_elems=30, **dims)
     assert view.shape == (8, 30)
     conv, ssm = np.ones((2, 3)), np.full((3, 2), 2.0)
-    new = write_state(view, 5, 1, conv, ssm, flat=True)
+    new = write_state(view, 5, 1, conv, ssm)
     want = pool.reshape(8, 30).copy()
     want[5, 12:24] = [1.0] * 6 + [2.0] * 6
     np.testing.assert_array_equal(new, want)
-    c, s = read_state(new, np.array([5, -1]), 1, **dims, flat=True)
+    c, s = read_state(new, np.array([5, -1]), 1, **dims)
     np.testing.assert_array_equal(c[0], conv)
     np.testing.assert_array_equal(s[1], 0.0)
     with pytest.raises(ValueError, match="layer must be an int in \\[0, 2\\)"):
-        read_state(new, 5, 2, **dims, flat=True)
-    with pytest.raises(ValueError, match="view must be \\[pages, page_elems\\]"):
-        read_state(new[None], 5, 0, **dims, flat=True)
+        read_state(new, 5, 2, **dims)
+    with pytest.raises(ValueError, match="view must be \\[pages, rows, lane\\] or"):
+        read_state(new[None, None], 5, 0, **dims)
 
 
 def test_paged_table_shifts_the_text_behind_the_images():

@@ -74,8 +74,8 @@ def test_bf16_writes_are_bit_exact():
         return inplace.as_stored(view.reshape(bits.shape), bits.dtype)
 
     got = jax.jit(step, donate_argnums=0)(jnp.asarray(pool.view(np.uint16)))
-    want = pool.reshape(6, 2, 2, 2, 4, 8).copy()
+    want = pool.reshape(6, 2, 4, 2 * 2, 8).copy()  # [pages, layers, tpp, 2 * kv_heads, D]
     for t in (0, 2):
-        want[pages[t], 1, 0, :, offsets[t]] = k[t]
-        want[pages[t], 1, 1, :, offsets[t]] = v[t]
+        want[pages[t], 1, offsets[t], :2] = k[t]
+        want[pages[t], 1, offsets[t], 2:] = v[t]
     np.testing.assert_array_equal(np.asarray(got), want.reshape(6, -1).view(np.uint16))

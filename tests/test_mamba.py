@@ -227,22 +227,25 @@ def test_batch_matches_single():
 
 # --------------------------------------------------------------------------- 4. pages
 
-# Attention kind: 2 layers x 2 (K/V) x 2 kv_heads x 4 tokens x 8 head_dim = 256 elements.
+# Attention kind: 2 layers x 4 tokens x 2 (K/V) x 2 kv_heads x 8 head_dim = 256 elements.
 # State kind: 2 layers x (3 x 32 + 32 x 4) = 448 elements. Large page: lcm = 1792.
+# The pool is [rows, lane] with lane = the head dim, 8: a state (224) is 28 rows.
 ATTN = dict(num_layers=2, kv_heads=2, tokens_per_page=4, head_dim=8)
 LPP = 2
 LARGE = 1792
 
 
 def _pool(seed: int) -> jax.Array:
-    return jnp.asarray(_x(seed, (3, LARGE)))
+    return jnp.asarray(_x(seed, (3 * LARGE // 8, 8)))  # [rows, lane]
 
 
 def test_state_page_sizes():
     assert state_layer_elems(**DIMS) == 224
     assert state_page_elems(layers_per_page=LPP, **DIMS) == 448
     view = state_view(_pool(0), layers_per_page=LPP, **DIMS)
-    assert view.shape == (12, LPP, 224)
+    assert view.shape == (12, 56, 8)  # [pages, rows, lane]: the pool's rows kept
+    flat = state_view(_pool(0).reshape(-1, 64), layers_per_page=LPP, **DIMS)
+    assert flat.shape == (12, 448)  # a state is not whole rows of 64: flat pages
 
 
 def test_state_pages_round_trip_shared_pool():
@@ -288,7 +291,7 @@ def test_state_pages_batched_pages():
     untouched = [p for p in range(view.shape[0]) if p not in (3, 11)]
     untouched = np.array(untouched)
     np.testing.assert_array_equal(_bits(view2[untouched]), _bits(view[untouched]))
-    np.testing.assert_array_equal(_bits(view2[:, 1]), _bits(view[:, 1]))
+    np.testing.assert_array_equal(_bits(view2[:, 28:]), _bits(view[:, 28:]))  # layer 1
 
 
 def test_page_minus_one_reads_zeros_writes_nothing():
@@ -358,14 +361,14 @@ def test_bad_inputs():
         lambda: state_view(jnp.zeros((3, LARGE), jnp.int32), layers_per_page=LPP, **DIMS),
         lambda: state_view(jnp.zeros((LARGE,)), layers_per_page=LPP, **DIMS),
         lambda: state_view(jnp.zeros((3, LARGE)), layers_per_page=0, **DIMS),
+        lambda: state_view(jnp.zeros((3, LARGE)), layers_per_page=2, page_elems=400, **DIMS),
         lambda: read_state(view, 12, 0, **DIMS),
         lambda: read_state(view, -2, 0, **DIMS),
         lambda: read_state(view, 0, 2, **DIMS),
         lambda: read_state(view, 0.0, 0, **DIMS),
-        lambda: read_state(view, 0, 0, d_inner=D_INNER, d_state=3, d_conv=D_CONV),
         lambda: read_state(view[0], 0, 0, **DIMS),
         lambda: write_state(view, 12, 0, conv, ssm),
-        lambda: write_state(view, 0, 0, conv[:-1], ssm),
+        lambda: write_state(view, 0, 0, conv[:-1, :-1], ssm),
         lambda: write_state(view, np.array([1, 1]), 0, np.stack([conv] * 2), np.stack([ssm] * 2)),
         lambda: write_state(view, np.array([1, 2]), 0, conv, ssm),
     ]

@@ -84,7 +84,7 @@ def make_case(
     max_pages = max_pages or max(max(need), 1)
     seq = max_pages * tpp
     num_pages = 2 * (sum(need) + 3)  # unused (NaN) pages too
-    view = np.full((num_pages, num_layers, 2, kv_heads, tpp, head_dim), np.nan, np.float32)
+    view = np.full((num_pages, num_layers, tpp, 2 * kv_heads, head_dim), np.nan, np.float32)
     k = _round(_normal(seed, (batch, seq, kv_heads, head_dim)), dtype)
     v = _round(_normal(seed + 1, (batch, seq, kv_heads, head_dim)), dtype)
     perm = np.random.default_rng(seed + 2).permutation(num_pages)
@@ -102,9 +102,9 @@ def make_case(
             block_tables[b, i] = perm[nxt]
             nxt += 1
             toks = slice(i * tpp, (i + 1) * tpp)
-            view[block_tables[b, i], layer, 0] = k[b, toks].transpose(1, 0, 2)
-            view[block_tables[b, i], layer, 1] = v[b, toks].transpose(1, 0, 2)
-    pool = jnp.asarray(view.reshape(num_pages // 2, -1).astype(dtype))
+            view[block_tables[b, i], layer, :, :kv_heads] = k[b, toks]
+            view[block_tables[b, i], layer, :, kv_heads:] = v[b, toks]
+    pool = jnp.asarray(view.reshape(-1, head_dim).astype(dtype))  # [rows, lane]
     q_len = q_positions.shape[1]
     return dict(
         q=jnp.asarray(_normal(seed + 3, (batch, q_len, q_heads, head_dim))).astype(dtype),

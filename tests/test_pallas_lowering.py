@@ -26,7 +26,7 @@ def _export(backend, platform, *, kind, q_len, dtype, head_dim=128, page_fill=Fa
     batch, q_heads, kv_heads, tpp, pages, max_pages = 3, 8, 2, 16, 64, 12
     shapes = [
         jax.ShapeDtypeStruct((batch, q_len, q_heads, head_dim), dtype),
-        jax.ShapeDtypeStruct((pages, 3, 2, kv_heads, tpp, head_dim), dtype),
+        jax.ShapeDtypeStruct((pages, 3, tpp, 2 * kv_heads, head_dim), dtype),
         jax.ShapeDtypeStruct((batch, max_pages), jnp.int32),
         jax.ShapeDtypeStruct((batch,), jnp.int32),
         jax.ShapeDtypeStruct((batch, q_len), jnp.int32),

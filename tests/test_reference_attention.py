@@ -94,7 +94,7 @@ def build_pool(seed, kv_lens, *, tpp, kv_heads, head_dim, num_layers, layer, dty
     batch, seq = len(kv_lens), max_pages * tpp
     need = [math.ceil(n / tpp) for n in kv_lens]
     num_pages = 2 * ((sum(need) + 3 + 1) // 2)  # a few unused pages, an even count
-    view = np.full((num_pages, num_layers, 2, kv_heads, tpp, head_dim), np.nan, np.float32)
+    view = np.full((num_pages, num_layers, tpp, 2 * kv_heads, head_dim), np.nan, np.float32)
     k = _as(_normal(seed, (batch, seq, kv_heads, head_dim)), dtype)
     v = _as(_normal(seed + 1, (batch, seq, kv_heads, head_dim)), dtype)
     perm = np.asarray(jax.random.permutation(jax.random.key(seed + 2), num_pages))
@@ -110,9 +110,9 @@ def build_pool(seed, kv_lens, *, tpp, kv_heads, head_dim, num_layers, layer, dty
             nxt += 1
             block_tables[b, i] = p
             toks = slice(i * tpp, (i + 1) * tpp)
-            view[p, layer, 0] = k[b, toks].transpose(1, 0, 2)
-            view[p, layer, 1] = v[b, toks].transpose(1, 0, 2)
-    pool = jnp.asarray(view.reshape(num_pages // 2, -1)).astype(dtype)
+            view[p, layer, :, :kv_heads] = k[b, toks]
+            view[p, layer, :, kv_heads:] = v[b, toks]
+    pool = jnp.asarray(view.reshape(-1, head_dim)).astype(dtype)  # [rows, lane]
     return pool, block_tables, k, v, k_pos
 
 
@@ -234,7 +234,7 @@ def test_pages_before_window_are_never_read(kind, stale_ids):
         min(j for j in range(n) for i in q_pos[b] if i >= 0 and _visible(kind, i, j))
         for b, n in enumerate(kv_lens)
     ]
-    view = np.asarray(pool).reshape(-1, 1, 2, 2, tpp, 16).copy()
+    view = np.asarray(pool).reshape(-1, 1, tpp, 4, 16).copy()
     bt = bt.copy()
     nan_page = int(np.setdiff1d(np.arange(view.shape[0]), bt)[0])  # an unused (NaN) page
     for b, f in enumerate(first):
@@ -322,7 +322,7 @@ def test_decode_step_write_then_attend(kind):
     last = [n - 1 for n in kv_lens]
     pages = np.array([bt[b, t // tpp] for b, t in enumerate(last)] + [-1, -1], np.int32)
     offsets = np.array([t % tpp for t in last] + [0, tpp - 1], np.int32)
-    view = view.at[pages[:4], 0, :, :, offsets[:4]].set(jnp.nan)
+    view = view.at[pages[:4], 0, offsets[:4]].set(jnp.nan)
     new_k = np.concatenate([k[np.arange(4), last], _normal(42, (2, kv_heads, head_dim))])
     new_v = np.concatenate([v[np.arange(4), last], _normal(43, (2, kv_heads, head_dim))])
 
@@ -373,7 +373,7 @@ def test_kind_view_is_reshape_of_the_pool():
     b = dict(num_layers=3, kv_heads=1, tokens_per_page=4, head_dim=16)  # 384 elements
     pool = jnp.asarray(_normal(61, (3, 1536)))  # lcm(512, 384) = 1536
     view_a, view_b = kind_view(pool, **a), kind_view(pool, **b)
-    assert view_a.shape == (9, 2, 2, 2, 4, 16) and view_b.shape == (12, 3, 2, 1, 4, 16)
+    assert view_a.shape == (9, 2, 4, 4, 16) and view_b.shape == (12, 3, 4, 2, 16)
     flat = np.asarray(pool).reshape(-1)
     np.testing.assert_array_equal(np.asarray(view_b).reshape(-1), flat)
     # Small page p of kind b starts at flat offset p * 384.
@@ -386,7 +386,7 @@ def test_kind_view_is_reshape_of_the_pool():
     expected_vals = flat.copy()
     for t in (0, 2):
         for c, val in enumerate((k, v)):
-            start = pages[t] * 384 + ((layer * 2 + c) * 4 + offsets[t]) * 16  # kv_heads = 1
+            start = pages[t] * 384 + ((layer * 4 + offsets[t]) * 2 + c) * 16  # kv_heads = 1
             expected[start : start + 16] = True
             expected_vals[start : start + 16] = val[t, 0]
     changed = _bits(new_pool).reshape(-1) != _bits(flat)
@@ -462,7 +462,7 @@ def test_paged_attention_bad_input(arg_change, opt_change, message):
 
 
 def test_write_kv_and_dense_bad_input():
-    view = jnp.zeros((4, 2, 2, 2, 4, 16))
+    view = jnp.zeros((4, 2, 4, 4, 16))  # [pages, layers, tpp, 2 * kv_heads, head_dim]
     k = jnp.ones((2, 2, 16))
     pages, offsets = np.array([0, 1], np.int32), np.array([0, 1], np.int32)
     cases = [
@@ -494,7 +494,7 @@ def test_kind_view_bad_input():
     pool = jnp.zeros((2, 1536))
     with pytest.raises(ValueError, match="not a whole number"):
         kind_view(pool, num_layers=5, kv_heads=1, tokens_per_page=4, head_dim=16)
-    with pytest.raises(ValueError, match="large_page_elems"):
+    with pytest.raises(ValueError, match=r"pool must be \[rows, lane\]"):
         kind_view(pool.reshape(2, 3, 512), num_layers=1, kv_heads=1, tokens_per_page=4, head_dim=16)
     with pytest.raises(ValueError, match="tokens_per_page must be a positive int"):
         kind_view(pool, num_layers=1, kv_heads=1, tokens_per_page=0, head_dim=16)

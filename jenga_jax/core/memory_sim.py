@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from jenga_jax.core.errors import RequestTooLargeError
 from jenga_jax.core.kv_cache_manager import KVCacheManager
 from jenga_jax.core.layout import ModelLayout
+from jenga_jax.core.page_plan import make_plan
 from jenga_jax.core.request import TraceRequest
 
 
@@ -63,10 +64,15 @@ def simulate(
     seed: int = 0,
     max_steps: int = 1_000_000,
     check=None,
+    plan_options: dict | None = None,
 ) -> SimResult:
-    """Run the trace to completion; `check(manager)` (if given) runs after every step."""
+    """Run the trace to completion; `check(manager)` (if given) runs after every step.
+    `plan_options`: more arguments of ``make_plan`` (e.g. ``tpu_alignment(2)``)."""
+    plan = None
+    if plan_options:
+        plan = make_plan(layout, allocator, tokens_per_page, **plan_options)
     manager = KVCacheManager(
-        layout, kv_budget_bytes, allocator=allocator, tokens_per_page=tokens_per_page
+        layout, kv_budget_bytes, allocator=allocator, tokens_per_page=tokens_per_page, plan=plan
     )
     res = SimResult(
         layout.name, workload, allocator, kv_budget_bytes, manager.plan.large_page_bytes

@@ -27,6 +27,21 @@ _MAX_HIT_GRANULARITY = 8  # jenga: lcm of tokens per page at most this many targ
 _SPLIT_PENALTY = 0.25  # jenga: estimated cost of one more kind, in pages of the plan
 _MAX_KINDS = 8  # jenga: at most this many kinds after splitting layer groups
 _ALIGN = 16  # tokens-per-page alignment the uniform plan keeps (attention kernels' block)
+TPU_TILE_BYTES = 4096  # one TPU tile of the pool: 128 lanes x 8 rows x 4 B (16 x 2 B)
+
+
+def tpu_alignment(layout: ModelLayout) -> dict:
+    """make_plan options that keep every view of the pool a bitcast under TPU tiling
+    (docs/device.md, "The pool on TPU"): a token page's rows (tokens per page x 2 x KV
+    heads) a multiple of the tile's rows (8 for 4-byte, 16 for 2-byte, 32 for 1-byte
+    dtypes), and every page whole tiles (state pages rounded up)."""
+    multiple = 1
+    for g in layout.groups:
+        k = g.kind
+        if k.is_token_kind:
+            tile_rows = 8 * 4 // min(k.dtype_bytes, 4)
+            multiple = math.lcm(multiple, tile_rows // math.gcd(tile_rows, 2 * k.num_kv_heads))
+    return dict(tokens_per_page_multiple=multiple, page_bytes_multiple=TPU_TILE_BYTES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +77,14 @@ class PagePlan:
     block_size: int  # hash granularity in tokens: divides every token kind's page
     images_inline: bool  # encoder tokens stored in the token stream (paged baseline)
     balanced_eviction: bool  # jenga: one access time per request and step, longer prefix first
+    page_bytes_multiple: int = 1  # state pages rounded up to this (1: not aligned)
+
+    def unaligned_kinds(self) -> list[str]:
+        """Kinds whose pages are not whole multiples of `page_bytes_multiple` (token
+        pages are never padded: on TPU their view is not a bitcast; the cause is a head
+        dim that is not a multiple of 128)."""
+        m = self.page_bytes_multiple
+        return [k.rule.name for k in self.kinds if k.page_bytes % m]
 
     @property
     def hit_granularity(self) -> int:
@@ -93,6 +116,7 @@ def make_plan(
     *,
     fixed_tokens_per_page: bool = False,
     tokens_per_page_multiple: int = 1,
+    page_bytes_multiple: int = 1,
 ) -> PagePlan:
     """The page plan of one allocator for a layout.
 
@@ -100,7 +124,11 @@ def make_plan(
     [target / 2, 8 x target]) and the layers one state page holds are chosen to keep
     the LCM small (see `_jenga`), unless `fixed_tokens_per_page`. Every kind's tokens
     per page is then a multiple of `tokens_per_page_multiple` (TPU kernels want 8, or
-    16 for bfloat16 pages), which must divide the target.
+    16 for bfloat16 pages), which must divide the target. `page_bytes_multiple`: state
+    pages are rounded up to a multiple of it (the TPU tile, :func:`tpu_alignment`);
+    a token page that is not a multiple of it is left as is (its view is then not a
+    bitcast on TPU: head dims that are not a multiple of 128, see
+    :meth:`PagePlan.unaligned_kinds`).
     """
     if allocator not in ALLOCATORS:
         raise LayoutError(f"unknown allocator {allocator!r}; choose one of {ALLOCATORS}")
@@ -112,11 +140,29 @@ def make_plan(
             f"tokens_per_page_multiple must be a positive int dividing tokens_per_page "
             f"({tokens_per_page}), got {m!r}"
         )
+    a = page_bytes_multiple
+    if not isinstance(a, int) or a <= 0:
+        raise LayoutError(f"page_bytes_multiple must be a positive int, got {a!r}")
     if allocator == "jenga":
         plan = _jenga(layout, tokens_per_page, search=not fixed_tokens_per_page, multiple=m)
     else:
         plan = {"paged": _paged, "uniform": _uniform}[allocator](layout, tokens_per_page)
-    return plan
+    return _align_state_pages(plan, a) if a > 1 else plan
+
+
+def _align_state_pages(plan: PagePlan, multiple: int) -> PagePlan:
+    """State pages rounded up to a multiple of `multiple` bytes; the large page again
+    the LCM of the pages."""
+    kinds = tuple(
+        dataclasses.replace(k, page_bytes=-(-k.page_bytes // multiple) * multiple)
+        if k.type is AttentionType.STATE
+        else k
+        for k in plan.kinds
+    )
+    large = math.lcm(*(k.page_bytes for k in kinds))
+    return dataclasses.replace(
+        plan, kinds=kinds, large_page_bytes=large, page_bytes_multiple=multiple
+    )
 
 
 def _page(rule: LayerKind, num_layers: int, tpp: int) -> int:

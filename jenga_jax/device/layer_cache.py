@@ -64,7 +64,7 @@ class DenseCache:
 class PagedCache:
     """The shared pool, threaded through the layers of one step.
 
-    pool [num_large_pages, large_page_elems]; table: the step's page table; layout
+    pool [rows, lane]; table: the step's page table; layout
     (static): the pool's views and where each model layer lives; image_embeds
     [B, E, vision_dim] or None (only on steps that write cross K/V); backend (static):
     the paged-attention kernel (None: by platform, see ``pallas_kernels.dispatch``; a
@@ -161,11 +161,10 @@ class PagedCache:
         d_inner, d_state, d_conv = kv.state_dims
         dims = dict(d_inner=d_inner, d_state=d_state, d_conv=d_conv)
         view = self.layout.view(self.pool, s.kind)
-        flat = kv.padded  # padded pages (paged, uniform plans): a flat view
-        conv, ssm = mamba.read_state(view, entry.read_pages[:, s.part], s.slot, **dims, flat=flat)
+        conv, ssm = mamba.read_state(view, entry.read_pages[:, s.part], s.slot, **dims)
         y, conv, ssm = mamba.mamba_forward_batch(
             params, x, conv, ssm, valid_lens=self.table.num_real_queries
         )
         write = entry.write_pages[:, s.part]
-        view = mamba.write_state(view, write, s.slot, conv, ssm, after=y, flat=flat)
+        view = mamba.write_state(view, write, s.slot, conv, ssm, after=y)
         return self._with_pool(view), y

@@ -16,19 +16,20 @@ inputs ``xs`` of the last K - 1 tokens, oldest first) and ``ssm_state`` [d_inner
 all arithmetic is float32 whatever the parameters' dtype, and the output is cast to
 ``x.dtype``. Zero states are the start of a sequence.
 
-A state kind's small page holds ``layers_per_page`` layers' states as flat float32
-elements (:func:`state_view`)::
+A state kind's small page holds ``layers_per_page`` layers' states, one after the
+other, each ``(K - 1) * d_inner`` conv elements then ``d_inner * N`` ssm ones (both
+row-major): layer ``l`` at elements ``[l * per_layer, (l + 1) * per_layer)`` of the page.
+Small page ``p`` is at flat offset ``p * page_elems`` of the pool ``[rows, lane]``, the
+same convention as :func:`jenga_jax.device.reference_attention.kind_view`. The view
+(:func:`state_view`) keeps the pool's rows when a layer's state is whole rows::
 
-    view[page, layer, :]   # (K - 1) * d_inner conv elements, then d_inner * N ssm ones
+    view[page, row, lane]   # layer l: rows [l * per_layer / lane, (l + 1) * per_layer / lane)
 
-both row-major. Small page ``p`` is at flat offset ``p * page_elems`` of the float32
-pool ``[num_large_pages, large_page_elems]``, the same convention as
-:func:`jenga_jax.device.reference_attention.kind_view`. Page ``-1`` means "no page":
-:func:`read_state` reads a zero state and :func:`write_state` writes nothing.
-
-A padded page (the paged and uniform baselines round state pages up to their page
-size) is viewed flat, ``view[page, :]``, layer ``l`` at elements ``[l * per_layer,
-(l + 1) * per_layer)``; the tail is never read or written.
+(a bitcast under TPU tiling too), else it is flat, ``view[page, elem]``. A page may
+hold more elements than its layers' states (the paged and uniform baselines round
+state pages up to their page size; the TPU alignment rounds them to whole tiles): the
+tail is never read or written. Page ``-1`` means "no page": :func:`read_state` reads a
+zero state and :func:`write_state` writes nothing.
 """
 
 from __future__ import annotations
@@ -347,7 +348,7 @@ def state_page_elems(*, layers_per_page: int, d_inner: int, d_state: int, d_conv
 
 
 def state_view(
-    pool_f32,
+    pool,
     *,
     layers_per_page: int,
     d_inner: int,
@@ -359,15 +360,15 @@ def state_view(
 
     States are stored in the pool's dtype (float32 keeps them exact; a bfloat16 pool
     rounds them on every write, as vLLM's default mamba cache dtype does) and computed
-    in float32. pool_f32 [num_large_pages, large_page_elems] (any float dtype)
-    -> [num_pages, layers_per_page, per_layer_elems] (see :func:`state_page_elems`).
-    page_elems: the page size when pages are padded beyond their states; the view is
-    then flat, [num_pages, page_elems] (see the module docstring).
+    in float32. pool [rows, lane] (any float dtype) -> [num_pages, page_elems // lane,
+    lane] when pages and one layer's state are whole rows, else flat [num_pages,
+    page_elems]. page_elems: the page size (default: exactly its layers'
+    states, :func:`state_page_elems`).
     """
-    if pool_f32.ndim != 2:
-        raise ValueError(f"pool must be [num_large_pages, large_page_elems], got {pool_f32.shape}")
-    if not jnp.issubdtype(pool_f32.dtype, jnp.floating):
-        raise ValueError(f"the pool must be a float array, got {pool_f32.dtype}")
+    if pool.ndim != 2:
+        raise ValueError(f"pool must be [rows, lane], got {pool.shape}")
+    if not jnp.issubdtype(pool.dtype, jnp.floating):
+        raise ValueError(f"the pool must be a float array, got {pool.dtype}")
     per_layer = state_layer_elems(d_inner=d_inner, d_state=d_state, d_conv=d_conv)
     used = state_page_elems(
         layers_per_page=layers_per_page, d_inner=d_inner, d_state=d_state, d_conv=d_conv
@@ -377,23 +378,24 @@ def state_view(
         raise ValueError(
             f"a page of {page} elements cannot hold {layers_per_page} states of {per_layer}"
         )
-    num_large, large_elems = pool_f32.shape
-    if large_elems % page:
+    if pool.size % page:
         raise ValueError(
-            f"a large page ({large_elems} elements) is not a whole number of state pages "
-            f"({page} elements; {layers_per_page} layers x ({d_conv - 1} x {d_inner} "
-            f"conv + {d_inner} x {d_state} ssm) = {used})"
+            f"the pool {list(pool.shape)} is not a whole number of state pages ({page} "
+            f"elements; {layers_per_page} layers x ({d_conv - 1} x {d_inner} conv + "
+            f"{d_inner} x {d_state} ssm) = {used})"
         )
-    num_pages = num_large * (large_elems // page)
-    if page > used:  # padded: flat pages
-        return pool_f32.reshape(num_pages, page)
-    return pool_f32.reshape(num_pages, layers_per_page, per_layer)
+    num_pages, lane = pool.size // page, pool.shape[1]
+    if page % lane or per_layer % lane:
+        return pool.reshape(num_pages, page)
+    return pool.reshape(num_pages, page // lane, lane)
 
 
-def _check_state_view(view, flat: bool) -> None:
-    if view.ndim != (2 if flat else 3):
-        want = "[pages, page_elems]" if flat else "[pages, layers_per_page, per_layer_elems]"
-        raise ValueError(f"view must be {want} (see state_view), got shape {view.shape}")
+def _check_state_view(view) -> None:
+    if view.ndim not in (2, 3):
+        raise ValueError(
+            f"view must be [pages, rows, lane] or [pages, page_elems] (see state_view), "
+            f"got shape {view.shape}"
+        )
 
 
 def _page_index(page, view, *, unique: bool) -> jax.Array:
@@ -415,50 +417,47 @@ def _page_index(page, view, *, unique: bool) -> jax.Array:
     return jnp.where((page >= 0) & (page < num_pages), page, num_pages)
 
 
-def _layer_index(view, layer, per_layer: int, flat: bool):
-    """Where layer `layer`'s state lies in a page: an index of a 3-D view, or the
-    elements [layer * per_layer, (layer + 1) * per_layer) of a flat (padded) page."""
-    _check_state_view(view, flat)
-    layers = view.shape[1] // per_layer if flat else view.shape[1]
+def _layer_slice(view, layer, per_layer: int) -> slice:
+    """Where layer `layer`'s state lies in a page of the view: its rows (a rows view,
+    [pages, rows, lane]) or its elements (a flat view)."""
+    _check_state_view(view)
+    unit = view.shape[2] if view.ndim == 3 else 1  # elements per index of axis 1
+    page = view.shape[1] * unit
+    if per_layer % unit:
+        raise ValueError(f"a state of {per_layer} elements is not whole rows of {unit}")
+    layers = page // per_layer
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
         raise ValueError(f"layer must be an int in [0, {layers}), got {layer!r}")
     if not 0 <= layer < layers:
         raise ValueError(f"layer must be an int in [0, {layers}), got {layer!r}")
-    if flat:
-        return slice(layer * per_layer, (layer + 1) * per_layer)
-    if view.shape[2] != per_layer:
-        raise ValueError(
-            f"view holds {view.shape[2]} elements per layer, but the state has {per_layer}"
-        )
-    return layer
+    n = per_layer // unit
+    return slice(layer * n, (layer + 1) * n)
 
 
-def read_state(
-    view, page, layer: int, *, d_inner: int, d_state: int, d_conv: int, flat: bool = False
-):
+def read_state(view, page, layer: int, *, d_inner: int, d_state: int, d_conv: int):
     """One layer's state from its page.
 
-    view [pages, layers_per_page, per_layer_elems], or [pages, page_elems] with
-    flat=True (padded pages, see :func:`state_view`); page int or int array of any shape
-    P (may be traced; -1 = no page). Returns (conv_state [*P, d_conv - 1, d_inner],
-    ssm_state [*P, d_inner, d_state]), float32; zeros where page is -1. Concrete ids
-    outside [-1, pages) raise; traced ones read zeros.
+    view [pages, rows, lane] or [pages, page_elems] (see :func:`state_view`); page int
+    or int array of any shape P (may be traced; -1 = no page). Returns (conv_state
+    [*P, d_conv - 1, d_inner], ssm_state [*P, d_inner, d_state]), float32; zeros where
+    page is -1. Concrete ids outside [-1, pages) raise; traced ones read zeros.
     """
     per_layer = state_layer_elems(d_inner=d_inner, d_state=d_state, d_conv=d_conv)
-    where = _layer_index(view, layer, per_layer, flat)
+    where = _layer_slice(view, layer, per_layer)
     idx = _page_index(page, view, unique=False)
-    state = view.at[idx, where].get(mode="fill", fill_value=0).astype(_F32)  # [*P, per_layer]
+    state = view.at[idx, where].get(mode="fill", fill_value=0)  # [*P, n(, lane)]
+    state = state.reshape(*idx.shape, per_layer).astype(_F32)
     split = (d_conv - 1) * d_inner
     conv = state[..., :split].reshape(*idx.shape, d_conv - 1, d_inner)
     ssm = state[..., split:].reshape(*idx.shape, d_inner, d_state)
     return conv, ssm
 
 
-def write_state(view, page, layer: int, conv_state, ssm_state, *, after=None, flat=False):
+def write_state(view, page, layer: int, conv_state, ssm_state, *, after=None):
     """Store one layer's state into its page; returns the new view.
 
-    view [pages, layers_per_page, per_layer_elems], or [pages, page_elems] with
-    flat=True (padded pages, see :func:`state_view`); page int or int array of shape P
+    view [pages, rows, lane] or [pages, page_elems] (see :func:`state_view`); page int
+    or int array of shape P
     (may be traced; -1 = drop); conv_state [*P, d_conv - 1, d_inner]; ssm_state
     [*P, d_inner, d_state] (cast to view.dtype). Nothing is written where page is -1;
     concrete ids outside [-1, pages) or a real page repeated raise, traced out-of-range
@@ -470,7 +469,7 @@ def write_state(view, page, layer: int, conv_state, ssm_state, *, after=None, fl
     otherwise XLA:CPU may copy the whole pool to keep a late reader correct. A narrow-
     float view is scattered on its bits on CPU (``inplace.scatter_set``).
     """
-    _check_state_view(view, flat)
+    _check_state_view(view)
     idx = _page_index(page, view, unique=True)
     conv_state, ssm_state = jnp.asarray(conv_state), jnp.asarray(ssm_state)
     lead = idx.shape
@@ -483,21 +482,22 @@ def write_state(view, page, layer: int, conv_state, ssm_state, *, after=None, fl
         and conv_state.shape[-1] == ssm_state.shape[-2]
     )
     per_layer = math.prod(conv_state.shape[-2:]) + math.prod(ssm_state.shape[-2:])
-    if not ok or (not flat and per_layer != view.shape[2]):
+    if not ok:
         raise ValueError(
             f"for page shape {lead}, conv_state must be [*{lead}, d_conv - 1, d_inner] and "
             f"ssm_state [*{lead}, d_inner, d_state] (as many elements per layer as the "
             f"view's pages hold), got {conv_state.shape} and {ssm_state.shape}"
         )
-    where = _layer_index(view, layer, per_layer, flat)
+    where = _layer_slice(view, layer, per_layer)
     state = jnp.concatenate(
         [conv_state.reshape(*lead, -1), ssm_state.reshape(*lead, -1)], axis=-1
     ).astype(view.dtype)
-    idx, state = idx.reshape(-1), state.reshape(-1, per_layer)  # [P], [P, per_layer]
+    rows = (where.stop - where.start, *view.shape[2:])  # (n,) or (n, lane)
+    idx, state = idx.reshape(-1), state.reshape(-1, *rows)  # [P], [P, *rows]
     # One dropped padding row: it keeps a single write a scatter (XLA rewrites a
     # one-index scatter into a dynamic-update-slice, which XLA:CPU copies the pool
     # for) and carries `after`.
-    pad = jnp.zeros((1, per_layer), state.dtype)
+    pad = jnp.zeros((1, *rows), state.dtype)
     if after is not None:
         pad = pad + jnp.sum(jnp.asarray(after, _F32)).astype(state.dtype)
     idx = jnp.concatenate([idx, jnp.full((1,), view.shape[0], idx.dtype)])

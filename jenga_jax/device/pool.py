@@ -1,11 +1,16 @@
 """The shared KV pool and the static description of every kind's view of it.
 
-One buffer ``pool [num_large_pages, large_page_elems]`` holds every kind's pages. The
-host plan (``jenga_jax.core.page_plan``) numbers each kind's small pages so that page
-``p`` of kind ``k`` sits at flat element offset ``p * page_elems(k)``: a kind's view is
-a reshape of the same buffer (:meth:`PoolLayout.view`), which XLA compiles to a
-bitcast. Every kind stores its K/V (or state) in the pool's dtype. On CPU a pool of a
-narrow float (bfloat16, float16, float8) is stored as unsigned ints of the same bits
+One buffer ``pool [rows, lane]`` holds every kind's pages: ``num_large_pages`` large
+pages of ``large_page_elems`` elements, row-major. The host plan
+(``jenga_jax.core.page_plan``) numbers each kind's small pages so that page ``p`` of kind
+``k`` sits at flat element offset ``p * page_elems(k)``: a kind's view is a reshape of
+the same buffer (:meth:`PoolLayout.view`), which XLA compiles to a bitcast. ``lane``
+divides every page and is the kinds' head dim where they share one, so that on TPU,
+whose layouts tile the two minor dims, the token views ``[pages, layers, tpp,
+2 * kv_heads, head_dim]`` and the state views ``[pages, rows, lane]`` keep the pool's
+tiling: a step updates the pool in place (docs/device.md, "The pool on TPU"). Every
+kind stores its K/V (or state) in the pool's dtype. On CPU a pool of a narrow float
+(bfloat16, float16, float8) is stored as unsigned ints of the same bits
 (``jenga_jax/device/inplace.py``: XLA:CPU updates only those in place); its views are
 floats all the same, and :meth:`PoolLayout.values` reads it as floats.
 
@@ -13,12 +18,14 @@ The baseline plans map onto the same views (see docs/device.md, "Baseline plans 
 device"): the paged plan's one token kind holds every attention layer (``mixed``: each
 layer applies its own mask) and, on a model with cross attention, the images ahead of
 the text in each request's token stream (``inline_images``); state pages larger than
-their states (paged, uniform) are viewed flat, the tail unused (``padded``).
+their states (paged, uniform; TPU-aligned plans) keep their rows, the tail unused
+(``padded``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +71,14 @@ class KindView:
         return self.is_state and self.page_elems > self.layers_per_page * per_layer
 
 
+def pool_lane(kinds) -> int:
+    """The pool's minor dim: the largest divisor of every kind's page and head dim (the
+    head dim where the token kinds share one and every page is whole rows of it;
+    gcd(128, pages) without token kinds)."""
+    head_dims = [k.head_dim for k in kinds if not k.is_state]
+    return math.gcd(*(head_dims or [128]), *(k.page_elems for k in kinds))
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSlot:
     """Where model layer i lives: its kind, the state page among the state's pages, the slot."""
@@ -82,6 +97,7 @@ class PoolLayout:
     large_page_elems: int
     kinds: tuple[KindView, ...]
     layer_slots: tuple[LayerSlot | None, ...]  # per model layer
+    lane: int = 1  # the pool's minor dim (pool_lane)
 
     @classmethod
     def from_plan(
@@ -126,7 +142,8 @@ class PoolLayout:
                 for j, layer in enumerate(pk.layer_indices):
                     slots[layer] = LayerSlot(k, 0, j)
             kinds.append(view)
-        return cls(dtype, num_large_pages, large_elems, tuple(kinds), tuple(slots))
+        kinds = tuple(kinds)
+        return cls(dtype, num_large_pages, large_elems, kinds, tuple(slots), pool_lane(kinds))
 
     @property
     def cross_kinds(self) -> tuple[int, ...]:
@@ -142,7 +159,12 @@ class PoolLayout:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.num_large_pages, self.large_page_elems)
+        """The pool's shape, [rows, lane]."""
+        return (self.num_large_pages * self.large_page_elems // self.lane, self.lane)
+
+    @property
+    def large_page_rows(self) -> int:
+        return self.large_page_elems // self.lane
 
     @property
     def nbytes(self) -> int:
@@ -161,8 +183,8 @@ class PoolLayout:
         return jnp.full(self.shape, value, self.dtype)
 
     def values(self, pool):
-        """The pool as floats of the layout's dtype [num_large_pages, large_page_elems]
-        (a bitcast of a pool stored as bits)."""
+        """The pool as floats of the layout's dtype [rows, lane] (a bitcast of a pool
+        stored as bits)."""
         dtypes = {np.dtype(self.dtype), self.storage_dtype("cpu")}
         if pool.shape != self.shape or pool.dtype not in dtypes:
             want = " or ".join(sorted(str(d) for d in dtypes))
@@ -173,9 +195,10 @@ class PoolLayout:
 
     def view(self, pool, kind: int):
         """Kind `kind`'s zero-copy view, floats of the layout's dtype: token kinds [pages,
-        layers, 2, kv_heads, tpp, dim], state kinds [pages, layers_per_page,
-        per_layer_elems] ([pages, page_elems] when padded). The pool is stored in the
-        layout's dtype or as its bits (:meth:`storage_dtype`)."""
+        layers, tpp, 2 * kv_heads, head_dim], state kinds [pages, rows, lane] ([pages,
+        page_elems] when a layer's state is not whole rows; see
+        ``jenga_jax.device.mamba.state_view``). The pool is stored in the layout's dtype
+        or as its bits (:meth:`storage_dtype`)."""
         pool = self.values(pool)
         kv = self.kinds[kind]
         if kv.is_state:

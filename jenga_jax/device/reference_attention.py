@@ -1,11 +1,14 @@
 """Pure-JAX reference paged attention: the oracle for kernels and models.
 
-The KV pool is one buffer ``[num_large_pages, large_page_elems]``. Each layer kind sees
-it through a zero-copy reshape (:func:`kind_view`)::
+The KV pool is one buffer ``[rows, lane]`` (``lane`` divides every kind's page; it is
+the head dim where the kinds share one). Each layer kind sees it through a zero-copy
+reshape (:func:`kind_view`), token-major with K and V heads merged::
 
-    view[page, layer, kv, kv_head, offset, dim]    # kv: 0 = K, 1 = V
+    view[page, layer, offset, head, dim]    # head < kv_heads: K; kv_heads + h: V of head h
 
 Small page ``p`` of a kind is ``view[p]``, at flat offset ``p * page_elems`` of the pool.
+With ``head_dim`` minor and the merged heads second-minor, the reshape is a bitcast
+under TPU tiling too (docs/device.md, "The pool on TPU").
 Token ``t`` of a request lives on page ``block_table[t // tokens_per_page]`` at offset
 ``t % tokens_per_page``.
 
@@ -57,11 +60,17 @@ def _int_array(name: str, x, ndim: int) -> jax.Array:
 
 
 def _check_view(view) -> None:
-    if view.ndim != 6 or view.shape[2] != 2:
+    if view.ndim != 5 or view.shape[3] % 2:
         raise ValueError(
-            "view must be [pages, layers, 2, kv_heads, tokens_per_page, head_dim] "
+            "view must be [pages, layers, tokens_per_page, 2 * kv_heads, head_dim] "
             f"(see kind_view), got shape {view.shape}"
         )
+
+
+def view_dims(view) -> tuple[int, int, int, int]:
+    """view [pages, layers, tpp, 2 * kv_heads, head_dim] -> (pages, kv_heads, tpp, head_dim)."""
+    num_pages, _, tpp, heads2, head_dim = view.shape
+    return num_pages, heads2 // 2, tpp, head_dim
 
 
 def _check_layer(layer, view) -> None:
@@ -113,39 +122,40 @@ def _check_options(q_heads: int, scale, soft_cap, sinks) -> jax.Array | None:
 def kind_view(pool, *, num_layers: int, kv_heads: int, tokens_per_page: int, head_dim: int):
     """Zero-copy view of the pool for one layer kind.
 
-    pool [num_large_pages, large_page_elems]
-    -> [num_pages, num_layers, 2, kv_heads, tokens_per_page, head_dim], where one small
-    page has ``page_elems = num_layers * 2 * kv_heads * tokens_per_page * head_dim``
-    elements and ``num_pages = num_large_pages * large_page_elems // page_elems``.
+    pool [rows, lane] -> [num_pages, num_layers, tokens_per_page, 2 * kv_heads, head_dim]
+    (K heads, then V heads), where one small page has ``page_elems = num_layers *
+    tokens_per_page * 2 * kv_heads * head_dim`` elements and ``num_pages = pool.size //
+    page_elems``. Any 2-D pool whose size is whole pages works; on TPU the view is a
+    bitcast when ``lane == head_dim``.
     """
     if pool.ndim != 2:
-        raise ValueError(f"pool must be [num_large_pages, large_page_elems], got {pool.shape}")
+        raise ValueError(f"pool must be [rows, lane], got {pool.shape}")
     dims = dict(
         num_layers=num_layers, kv_heads=kv_heads, tokens_per_page=tokens_per_page, head_dim=head_dim
     )
     for name, d in dims.items():
         if not isinstance(d, (int, np.integer)) or d < 1:
             raise ValueError(f"{name} must be a positive int, got {d!r}")
-    page_elems = num_layers * 2 * kv_heads * tokens_per_page * head_dim
-    num_large, large_elems = pool.shape
-    if large_elems % page_elems:
+    page_elems = num_layers * tokens_per_page * 2 * kv_heads * head_dim
+    if pool.size % page_elems:
         raise ValueError(
-            f"a large page ({large_elems} elements) is not a whole number of this kind's "
-            f"small pages ({page_elems} elements = {num_layers} layers x 2 x {kv_heads} "
-            f"kv_heads x {tokens_per_page} tokens x {head_dim} head_dim)"
+            f"the pool {list(pool.shape)} is not a whole number of this kind's small pages "
+            f"({page_elems} elements = {num_layers} layers x {tokens_per_page} tokens x 2 x "
+            f"{kv_heads} kv_heads x {head_dim} head_dim)"
         )
-    num_pages = num_large * (large_elems // page_elems)
-    return pool.reshape(num_pages, num_layers, 2, kv_heads, tokens_per_page, head_dim)
+    num_pages = pool.size // page_elems
+    return pool.reshape(num_pages, num_layers, tokens_per_page, 2 * kv_heads, head_dim)
 
 
 def write_kv(view, k, v, slot_pages, slot_offsets, *, layer: int, after=None):
     """Scatter new K/V of one layer into the view; returns the new view.
 
-    view [pages, layers, 2, kv_heads, tpp, head_dim]; k, v [num_tokens, kv_heads, head_dim]
-    (cast to view.dtype); slot_pages, slot_offsets int [num_tokens]. Token ``t`` goes to
-    ``view[slot_pages[t], layer, :, :, slot_offsets[t]]``. ``slot_pages[t] == -1`` marks
-    padding: nothing is written for it. Out-of-range slots raise when the indices are
-    concrete; under jit they are dropped, never clipped onto a real page.
+    view [pages, layers, tpp, 2 * kv_heads, head_dim]; k, v [num_tokens, kv_heads,
+    head_dim] (cast to view.dtype); slot_pages, slot_offsets int [num_tokens]. Token ``t``
+    goes to ``view[slot_pages[t], layer, slot_offsets[t]]`` (K heads, then V heads).
+    ``slot_pages[t] == -1`` marks padding: nothing is written for it. Out-of-range
+    slots raise when the indices are concrete; under jit they are dropped, never
+    clipped onto a real page.
 
     after: an array the write must follow (K/V that do not depend on the previous
     layers, e.g. image K/V, pass the layer's queries). It rides in a dropped padding
@@ -157,7 +167,7 @@ def write_kv(view, k, v, slot_pages, slot_offsets, *, layer: int, after=None):
     """
     _check_view(view)
     _check_layer(layer, view)
-    num_pages, _, _, kv_heads, tpp, head_dim = view.shape
+    num_pages, kv_heads, tpp, head_dim = view_dims(view)
     k, v = jnp.asarray(k), jnp.asarray(v)
     if k.ndim != 3 or k.shape[1:] != (kv_heads, head_dim) or v.shape != k.shape:
         raise ValueError(
@@ -182,7 +192,7 @@ def write_kv(view, k, v, slot_pages, slot_offsets, *, layer: int, after=None):
     # that is not a real in-range slot is sent to page `num_pages`, which "drop" skips.
     ok = (pages >= 0) & (pages < num_pages) & (offsets >= 0) & (offsets < tpp)
     pages = jnp.where(ok, pages, num_pages)
-    kv = jnp.stack([k, v], axis=1).astype(view.dtype)  # [num_tokens, 2, kv_heads, head_dim]
+    kv = jnp.concatenate([k, v], axis=1).astype(view.dtype)  # [num_tokens, 2 * kv_heads, D]
     if kv.shape[0] == 1 or after is not None:
         # A dropped padding slot. With one slot, XLA rewrites the scatter into a
         # dynamic-update-slice, which XLA:CPU does not update in place (it copies the
@@ -193,9 +203,8 @@ def write_kv(view, k, v, slot_pages, slot_offsets, *, layer: int, after=None):
         pages = jnp.concatenate([pages, jnp.full((1,), num_pages, jnp.int32)])
         offsets = jnp.concatenate([offsets, jnp.zeros((1,), jnp.int32)])
         kv = jnp.concatenate([kv, pad])
-    # Index arrays separated by slices: the token axis comes first in the indexed shape.
     # A narrow-float view is scattered on its bits on CPU (see inplace.py).
-    index = (pages, layer, slice(None), slice(None), offsets, slice(None))
+    index = (pages, layer, offsets)  # -> [num_tokens, 2 * kv_heads, head_dim]
     return scatter_set(view, index, kv)
 
 
@@ -268,7 +277,7 @@ def check_paged_inputs(
     _check_view(view)
     _check_layer(layer, view)
     _check_kind(kind, window, chunk)
-    num_pages, _, _, kv_heads, tpp, head_dim = view.shape
+    num_pages, kv_heads, tpp, head_dim = view_dims(view)
     q = jnp.asarray(q)
     if q.ndim != 4 or q.shape[3] != head_dim:
         raise ValueError(
@@ -358,7 +367,7 @@ def paged_attention(
 ):
     """Attention of queries over one layer's paged K/V.
 
-    q [batch, q_len, q_heads, head_dim]; view [pages, layers, 2, kv_heads, tpp, head_dim];
+    q [batch, q_len, q_heads, head_dim]; view [pages, layers, tpp, 2 * kv_heads, head_dim];
     block_tables int [batch, max_pages] (entry i: page of tokens [i*tpp, (i+1)*tpp), -1 if
     none); kv_lens int [batch] (keys 0..kv_len-1 are valid); q_positions int [batch, q_len]
     (absolute positions, -1 = padding query). sinks: optional float [q_heads] sink logits.
@@ -381,15 +390,14 @@ def paged_attention(
     offsets = jnp.zeros_like(kv_lens)  # [B]
     if key_offsets is not None:
         offsets = _check_key_offsets(key_offsets, kv_lens, q_positions, kind)
-    num_pages, _, _, kv_heads, tpp, head_dim = view.shape
+    num_pages, kv_heads, tpp, head_dim = view_dims(view)
     batch, q_len, q_heads, _ = q.shape
     max_pages = block_tables.shape[1]
 
     # Gather every page of the table (clamped ids; invalid ones are masked below).
     seq = max_pages * tpp
     pages = jnp.clip(block_tables, 0, num_pages - 1)
-    kv = view[pages, layer]  # [B, max_pages, 2, kv_heads, tpp, head_dim]
-    kv = kv.transpose(2, 0, 1, 4, 3, 5).reshape(2, batch, seq, kv_heads, head_dim)
+    kv = view[pages, layer].reshape(batch, seq, 2 * kv_heads, head_dim)  # [B, S, 2Hkv, D]
     j = jnp.arange(seq, dtype=jnp.int32)
     is_key = (j[None, :] < kv_lens[:, None]) & (j[None, :] >= offsets[:, None])
     k_pos = jnp.where(is_key, j[None, :] - offsets[:, None], -1)  # [B, S]
@@ -401,7 +409,13 @@ def paged_attention(
     visible = _visible(q_positions, k_pos, kind=kind, window=window, chunk=chunk)
     broken = jnp.any(visible & ~key_ok[:, None, :], axis=-1)  # [B, Lq]
     out = _attend(
-        q, kv[0], kv[1], visible & key_ok[:, None, :], scale=scale, soft_cap=soft_cap, sinks=sinks
+        q,
+        kv[:, :, :kv_heads],
+        kv[:, :, kv_heads:],
+        visible & key_ok[:, None, :],
+        scale=scale,
+        soft_cap=soft_cap,
+        sinks=sinks,
     )
     out = jnp.where(broken[:, :, None, None], jnp.nan, out)
     return out.astype(q.dtype)

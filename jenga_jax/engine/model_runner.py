@@ -20,8 +20,7 @@ import numpy as np
 
 from jenga_jax.core.errors import RequestError
 from jenga_jax.core.kv_cache_manager import KVCacheManager
-from jenga_jax.core.layer_kinds import DTYPE_BYTES
-from jenga_jax.core.page_plan import make_plan
+from jenga_jax.core.page_plan import make_plan, tpu_alignment
 from jenga_jax.core.request import ImageInput
 from jenga_jax.device.pool import PoolLayout
 from jenga_jax.engine.buckets import Buckets
@@ -79,7 +78,9 @@ class ModelRunner:
         "reference", "triton" or "mosaic" (None: by platform, logged once), or
         "triton-interpret" / "mosaic-interpret" to run a kernel in interpret mode;
         `tokens_per_page_multiple` (jenga): every kind's tokens per page is a multiple
-        of it (None: 8, or 16 for 2-byte pools, when the kernel is Mosaic; else 1)."""
+        of it (None: 1, or with the Mosaic kernel what keeps a page's rows whole TPU
+        tiles; state pages are then rounded up to whole tiles too:
+        ``page_plan.tpu_alignment``)."""
         cfg = model.cfg
         self.cfg = cfg
         self.allocator = allocator
@@ -90,13 +91,11 @@ class ModelRunner:
             )
         backend = choose_backend(parse_backend(attention_backend)[0])[0]
         if allocator == "jenga":
-            if tokens_per_page_multiple is None:
-                tokens_per_page_multiple = 1
-                if backend == "mosaic":
-                    tokens_per_page_multiple = 16 if DTYPE_BYTES[cfg.dtype] == 2 else 8
-            self.plan = make_plan(
-                layout, "jenga", tokens_per_page, tokens_per_page_multiple=tokens_per_page_multiple
-            )
+            # Mosaic (TPU): pages in whole tiles, so that every view is a bitcast.
+            align = tpu_alignment(layout) if backend == "mosaic" else {}
+            if tokens_per_page_multiple is not None:
+                align["tokens_per_page_multiple"] = tokens_per_page_multiple
+            self.plan = make_plan(layout, "jenga", tokens_per_page, **align)
         else:
             if tokens_per_page_multiple is not None:
                 raise ValueError("tokens_per_page_multiple is for the jenga plan")
