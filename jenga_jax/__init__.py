@@ -5,12 +5,17 @@ JAX on first use, so ``jenga_jax.core`` stays usable without it.
 """
 
 import importlib
+import importlib.metadata
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("jenga-jax")
+except importlib.metadata.PackageNotFoundError:  # a clone that was never installed
+    __version__ = "0.0.0+unknown"
 
 _LAZY = {
     "Engine": "jenga_jax.engine.llm_engine",
     "Image": "jenga_jax.engine.model_runner",
+    "LLM": "jenga_jax.llm",
     "RequestOutput": "jenga_jax.engine.engine_request",
     "SamplingParams": "jenga_jax.engine.sampling",
     "SchedulerConfig": "jenga_jax.engine.scheduler",
