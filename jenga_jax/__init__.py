@@ -5,12 +5,6 @@ JAX on first use, so ``jenga_jax.core`` stays usable without it.
 """
 
 import importlib
-import importlib.metadata
-
-try:
-    __version__ = importlib.metadata.version("jenga-jax")
-except importlib.metadata.PackageNotFoundError:  # a clone that was never installed
-    __version__ = "0.0.0+unknown"
 
 _LAZY = {
     "Engine": "jenga_jax.engine.llm_engine",
@@ -24,7 +18,18 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
+def _version() -> str:
+    import importlib.metadata  # on demand: it costs 0.1 s (``jenga-jax --help`` stays fast)
+
+    try:
+        return importlib.metadata.version("jenga-jax")
+    except importlib.metadata.PackageNotFoundError:  # a clone that was never installed
+        return "0.0.0+unknown"
+
+
 def __getattr__(name: str):
+    if name == "__version__":
+        return _version()
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'jenga_jax' has no attribute {name!r}")

@@ -332,10 +332,12 @@ class _Reply:
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(len(c.token_ids) for c in self.choices)
+        cached = sum(c.cached_tokens for c in self.choices[:: self.body.n])  # once per prompt
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
     def _logprobs(self, choice: Choice, ids, lps, offset: int):

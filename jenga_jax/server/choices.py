@@ -18,6 +18,7 @@ class Choice:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens the prefix cache held
     role_sent: bool = False  # chat streams: the first delta carries the role
 
     @property
@@ -28,6 +29,7 @@ class Choice:
         """Take an engine output; returns the new (token ids, logprobs)."""
         new = list(out.output_token_ids[len(self.token_ids) :])
         self.token_ids += new
+        self.cached_tokens = out.num_cached_tokens
         lps = []
         if out.output_logprobs is not None:
             lps = list(out.output_logprobs[len(self.logprobs) :])

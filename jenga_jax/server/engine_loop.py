@@ -124,6 +124,10 @@ class EngineLoop:
         self._send(("call", (fn, future)))
         return await future
 
+    def call_sync(self, fn: Callable, timeout: float | None = None):
+        """`call` from another thread than the loop's (tests, benchmarks)."""
+        return asyncio.run_coroutine_threadsafe(self.call(fn), self._loop).result(timeout)
+
     def stop(self, timeout: float | None = 30.0) -> None:
         """Abort what is left and end the thread (waits for it)."""
         if self._thread is None:
