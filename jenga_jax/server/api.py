@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 
@@ -180,6 +181,8 @@ def _completion_prompts(state: ServerState, prompt) -> list[list[int]]:
     out = []
     for p in prompt:
         if isinstance(p, str):
+            if not p:
+                raise bad_request("the prompt is empty", "prompt")
             if state.tokenizer is None:
                 raise bad_request(
                     "this model has no tokenizer: give prompts as token ids", "prompt"
@@ -237,7 +240,9 @@ async def _serve(state: ServerState, request: Request, body, prompts, *, chat: b
     try:
         handle = await state.loop.submit(specs)
     except RequestError as e:
-        raise bad_request(str(e), "messages" if chat else "prompt") from e
+        field = re.match(r"SamplingParams\.(\w+)", str(e))
+        param = field.group(1) if field else ("messages" if chat else "prompt")
+        raise bad_request(str(e), param) from e
     except QueueFull as e:
         raise APIError(429, str(e), type="rate_limit_error", code="queue_full",
                        headers={"Retry-After": "1"}) from e  # fmt: skip
