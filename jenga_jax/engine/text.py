@@ -18,7 +18,10 @@ def _eos_ids(path: pathlib.Path) -> tuple[int, ...]:
     for name in ("generation_config.json", "config.json"):
         file = path / name
         if file.is_file():
-            eos = json.loads(file.read_text()).get("eos_token_id")
+            try:
+                eos = json.loads(file.read_text()).get("eos_token_id")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file} is not valid JSON: {e}") from e
             if eos is not None:
                 return tuple(eos) if isinstance(eos, list) else (int(eos),)
     return ()
