@@ -162,7 +162,8 @@ def main(argv=None) -> None:
     print(f"\n{args.clients} streaming clients, {NAME} (random weights), "
           f"max_num_seqs {args.max_num_seqs}, {args.rounds} interleaved rounds")  # fmt: skip
     print(
-        f"{'round':>5} {'tokens':>7} {'offline tok/s':>14} {'server tok/s':>13} {'server/offline':>15}"
+        f"{'round':>5} {'tokens':>7} {'offline tok/s':>14} {'server tok/s':>13} "
+        f"{'server/offline':>15}"
     )
     for row in rows:
         print(f"{row['round']:>5} {row['tokens']:>7} {row['offline_tok_s']:>14.1f} "

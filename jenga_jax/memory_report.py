@@ -88,8 +88,11 @@ def run(args) -> dict:
     jenga = results["jenga"].mean_running_requests
     for base in ("paged", "uniform"):
         other = results[base].mean_running_requests
-        if jenga == 0 or other == 0:
-            print(f"no comparison with {base}: a plan ran no request (budget or trace too small)")
+        if jenga == 0 or other == 0:  # the means are over saturated steps only
+            print(
+                f"no comparison with {base}: the pool never filled up (no step left a request "
+                "waiting); raise --num-requests or lower --kv-budget-gib"
+            )
         else:
             print(f"jenga runs {jenga / other:.2f}x the requests of {base} at once")
     return results

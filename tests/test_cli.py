@@ -93,10 +93,12 @@ def test_convert_into_an_existing_directory_is_one_error_line(tmp_path):
 def test_memory_report_picks_a_text_workload_for_text_models(capsys):
     from jenga_jax.memory_report import main as report
 
-    report(["--model", "gemma-3-27b", "--num-requests", "40"])
+    report(["--model", "gemma-3-27b", "--num-requests", "40", "--kv-budget-gib", "1"])
     out = capsys.readouterr().out
     assert "40 sharegpt-like requests" in out
-    assert "0.00x" not in out and "jenga runs" in out
+    assert "the requests of paged" in out and "jenga runs 0.00x" not in out
+    report(["--model", "gemma-3-27b", "--num-requests", "40"])  # 40 GiB: never saturated
+    assert "the pool never filled up" in capsys.readouterr().out
 
 
 def test_serve_example_refuses_bad_options_before_loading():
