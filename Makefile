@@ -14,7 +14,7 @@ TORCH_VERSION := 2.13.0
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c $(LOCK) -e '.[test,plot,weights]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[test,plot,weights,serve]'
 	touch $@
 
 # Parity tests (tests/test_hf_*.py) need torch + transformers: torch only from a local

@@ -14,7 +14,7 @@ out=${OUT:-.ci/constraints.txt}
 venv=$(mktemp -d)/venv
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e '.[test,plot,weights]'
+"$venv/bin/python" -m pip install -q -e '.[test,plot,weights,serve]'
 "$venv/bin/python" -m pip install -q --no-index --no-deps "torch==$(sed -n 's/^TORCH_VERSION := //p' Makefile)"
 "$venv/bin/python" -m pip install -q -e '.[hf,gpu-compile]'
 {

@@ -20,25 +20,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import time
 
-from flax import nnx
-
-from jenga_jax.core.workloads import image_questions_like
-from jenga_jax.engine.llm_engine import Engine
-from jenga_jax.engine.sampling import SamplingParams
-from jenga_jax.engine.scheduler import SchedulerConfig
-from jenga_jax.engine.serving import format_table, run_trace
-from jenga_jax.engine.text import Tokenizer
-from models import FAMILIES, HybridDecoder, tiny_config
-from models.checkpoint import load_params
-from models.pretrained import load_pretrained
-from models.random_init import perturb
+LOG = logging.getLogger("jenga_jax.serve")
 
 
 def build_model(args):
     """(model, tokenizer or None) from --model, --checkpoint or the tiny --family."""
+    from flax import nnx
+
+    from jenga_jax.engine.text import Tokenizer
+    from models import HybridDecoder, tiny_config
+    from models.checkpoint import load_params
+    from models.pretrained import load_pretrained
+    from models.random_init import perturb
+
     if args.model:
         return load_pretrained(args.model, dtype=args.dtype), Tokenizer.from_dir(args.model)
     model = HybridDecoder(tiny_config(args.family), rngs=nnx.Rngs(args.seed))
@@ -47,7 +45,10 @@ def build_model(args):
     return perturb(model, seed=args.seed), None
 
 
-def build_engine(model, args, allocator: str, tokenizer=None) -> Engine:
+def build_engine(model, args, allocator: str, tokenizer=None):
+    from jenga_jax.engine.llm_engine import Engine
+    from jenga_jax.engine.scheduler import SchedulerConfig
+
     return Engine(
         model,
         kv_budget_bytes=int(args.kv_budget_mib * 2**20),
@@ -63,7 +64,34 @@ def build_engine(model, args, allocator: str, tokenizer=None) -> Engine:
     )
 
 
+def check_fits(engine, trace) -> None:
+    """Refuse, before anything compiles, a pool that cannot hold a request of the trace
+    (host bookkeeping only: each request is added and aborted)."""
+    from jenga_jax.core.errors import RequestError
+    from jenga_jax.engine.model_runner import Image
+    from jenga_jax.engine.sampling import SamplingParams
+
+    for r in trace:
+        images = [Image(im.content_hash, _zeros(im.num_tokens, engine.cfg)) for im in r.images]
+        try:
+            rid = engine.add_request(
+                list(r.prompt_token_ids), SamplingParams(max_tokens=r.output_len), images or None
+            )
+        except RequestError as e:
+            raise SystemExit(f"serve.py: error: {e} (raise --kv-budget-mib)") from None
+        engine.abort(rid)
+
+
+def _zeros(n: int, cfg):
+    import numpy as np
+
+    return np.zeros((n, cfg.vision_dim), np.float32)
+
+
 def serve_workload(model, args) -> None:
+    from jenga_jax.core.workloads import image_questions_like
+    from jenga_jax.engine.serving import format_table, run_trace
+
     trace = image_questions_like(
         args.requests,
         vocab_size=model.cfg.vocab_size,
@@ -82,14 +110,19 @@ def serve_workload(model, args) -> None:
         for r in fits
     ]
     if cut or len(trace) < args.requests:
-        print(
-            f"max_model_len {args.max_model_len}: {args.requests - len(trace)} requests left "
-            f"out, {cut} with fewer output tokens",
-            file=sys.stderr,
-        )
+        LOG.warning(
+            "max_model_len %d: %d requests left out, %d with fewer output tokens",
+            args.max_model_len, args.requests - len(trace), cut,
+        )  # fmt: skip
+    if not trace:
+        raise SystemExit("serve.py: error: no request of the workload fits --max-model-len")
+    engines = {
+        a: build_engine(model, args, a) for a in (["jenga", "paged"] if args.compare else ["jenga"])
+    }
+    for engine in engines.values():
+        check_fits(engine, trace)
     reports = []
-    for allocator in ["jenga", "paged"] if args.compare else ["jenga"]:
-        engine = build_engine(model, args, allocator)
+    for allocator, engine in engines.items():
         print(f"{allocator}: warming up (compiling every step shape)", file=sys.stderr)
         t0 = time.perf_counter()
         engine.warmup(None if args.quiet else _compile_progress)
@@ -116,24 +149,47 @@ def serve_workload(model, args) -> None:
 
 
 def interactive(model, args, tokenizer) -> None:
+    """Prompts from stdin, replies streamed to stdout; a bad prompt is answered with an
+    error line and the loop goes on; Ctrl-C (or an empty line, or EOF) quits."""
+    from jenga_jax.core.errors import RequestError
+    from jenga_jax.engine.sampling import SamplingParams
+    from jenga_jax.loading import check_pool_fits
+
     engine = build_engine(model, args, "jenga", tokenizer)
+    try:
+        check_pool_fits(engine)
+    except ValueError as e:
+        raise SystemExit(f"serve.py: error: {e}") from None
     params = SamplingParams(
         temperature=args.temperature or 0.8, top_p=0.95, max_tokens=args.max_tokens, seed=None
     )
-    print("type a prompt, then Enter (empty line or EOF quits)", file=sys.stderr)
-    for line in sys.stdin:
-        text = line.rstrip("\n")
-        if not text:
-            break
-        if tokenizer is not None:
-            pieces = engine.stream_text(text, params)
-        else:  # bytes in; printable ASCII out as is, else "."
-            tokens = engine.stream(list(text.encode("utf-8")), params)
-            pieces = (chr(t) if 32 <= t < 127 else "." for t in tokens)
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    print("type a prompt, then Enter (empty line, EOF or Ctrl-C quits)", file=sys.stderr)
+    try:
+        while True:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            text = line.rstrip("\n")
+            if not text:
+                break
+            if tokenizer is not None:
+                pieces = engine.stream_text(text, params)
+            else:  # bytes in; printable ASCII out as is, else "."
+                tokens = engine.stream(list(text.encode("utf-8")), params)
+                pieces = (chr(t) if 32 <= t < 127 else "." for t in tokens)
+            try:
+                for piece in pieces:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except RequestError as e:  # too long, bad tokens: say so, keep serving
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            finally:
+                pieces.close()  # a reply cut short by Ctrl-C is aborted: its pages freed
+            sys.stdout.write("\n")
+    except KeyboardInterrupt:
         sys.stdout.write("\n")
+        print("interrupted", file=sys.stderr)
 
 
 def _compile_progress(done: int, total: int) -> None:
@@ -141,28 +197,62 @@ def _compile_progress(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+FAMILIES = ("gemma2", "gemma3", "gpt-oss", "jamba", "llama", "llama-vision", "llama4", "ministral")
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", default="llama-vision", choices=sorted(FAMILIES))
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=fmt)
+    p.add_argument("--family", default="llama-vision", choices=FAMILIES, help="tiny model")
     p.add_argument("--checkpoint", help="orbax checkpoint of the tiny --family model")
     p.add_argument("--model", help="checkpoint directory: Hugging Face or converted (orbax)")
-    p.add_argument("--dtype", help="--model's dtype (default: as stored)")
-    p.add_argument("--requests", type=int, default=48)
-    p.add_argument("--image-tokens", type=int, default=192, help="mean image tokens")
-    p.add_argument("--arrival-rate", type=float, help="requests/s (default: all at once)")
-    p.add_argument("--kv-budget-mib", type=float, default=2.0)
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--max-num-batched-tokens", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=256)
-    p.add_argument("--max-encoder-tokens", type=int, default=320)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--max-tokens", type=int, default=48, help="interactive replies")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="--model's dtype (default: as stored)")  # fmt: skip
+    p.add_argument("--requests", type=_positive_int, default=48, help="workload size")
+    p.add_argument("--image-tokens", type=_positive_int, default=192, help="mean image tokens")
+    p.add_argument("--arrival-rate", type=_positive_float,
+                   help="requests/s (default: all at once)")  # fmt: skip
+    p.add_argument("--kv-budget-mib", type=_positive_float, default=2.0, help="KV pool")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=32, help="requests per step")
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=256,
+                   help="tokens per step")  # fmt: skip
+    p.add_argument("--max-model-len", type=_positive_int, default=256,
+                   help="longest request (prompt + output)")  # fmt: skip
+    p.add_argument("--max-encoder-tokens", type=_positive_int, default=320,
+                   help="most image tokens per request")  # fmt: skip
+    p.add_argument("--temperature", type=_nonnegative_float, default=0.0, help="0: greedy")
+    p.add_argument("--max-tokens", type=_positive_int, default=48, help="interactive replies")
+    p.add_argument("--seed", type=int, default=0, help="model and workload seed")
     p.add_argument("--compare", action="store_true", help="also run the paged baseline")
     p.add_argument("--interactive", action="store_true", help="prompts from stdin")
     p.add_argument("--json", help="write one JSON line per allocator here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.model and args.checkpoint:
+        p.error("give --model or --checkpoint, not both")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
     model, tokenizer = build_model(args)
     if args.interactive:
         interactive(model, args, tokenizer)

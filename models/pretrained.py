@@ -7,7 +7,6 @@ the model and the memory planner's layout (``model.cfg.layout()``) share one sou
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
@@ -16,6 +15,7 @@ from flax import nnx
 from models.checkpoint import load_params
 from models.decoder import HybridDecoder
 from models.hf import CheckpointError, decoder_config, load_hf_checkpoint, read_config
+from models.hf.common import read_json
 
 ORBAX_PARAMS = "orbax_params"  # the converted directory's parameter checkpoint
 CONVERTED_INFO = "jenga_jax.json"  # {"dtype": ..., "source": ...} of a converted directory
@@ -30,7 +30,10 @@ def checkpoint_dtype(path: str | os.PathLike) -> str:
     """The dtype the directory stores (converted: as saved; HF: config.json's, else float32)."""
     path = pathlib.Path(path)
     if is_converted(path):
-        return json.loads((path / CONVERTED_INFO).read_text())["dtype"]
+        info = read_json(path / CONVERTED_INFO)
+        if info.get("dtype") not in _DTYPES:
+            raise CheckpointError(f"{path / CONVERTED_INFO} names no known dtype: {info}")
+        return info["dtype"]
     hf = read_config(path)
     return _DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"), "float32")
 

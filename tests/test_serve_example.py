@@ -35,3 +35,10 @@ def test_interactive_mode_streams_replies():
     result = run(["--interactive", "--family", "llama", "--max-tokens", "5", *SMALL], "hi\nyo\n")
     replies = result.stdout.split("\n")
     assert len(replies) >= 2 and [len(r) for r in replies[:2]] == [5, 5]
+
+
+def test_interactive_mode_survives_a_prompt_too_long():
+    stdin = "x" * 200 + "\nyo\n"  # 200 bytes > max_model_len 96: an error line, then on
+    result = run(["--interactive", "--family", "llama", "--max-tokens", "5", *SMALL], stdin)
+    assert "exceed max_model_len 96" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stdout.split("\n")[0]) == 5

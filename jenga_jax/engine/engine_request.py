@@ -29,6 +29,7 @@ class EngineRequest:
     arrival_time: float
     status: Status = Status.WAITING
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)  # if asked for
     pending: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length" or "abort"
     first_token_time: float | None = None
@@ -49,6 +50,7 @@ class EngineRequest:
             arrival_time=self.arrival_time,
             first_token_time=self.first_token_time,
             finish_time=self.finish_time,
+            output_logprobs=tuple(self.output_logprobs) if self.params.logprobs else None,
         )
 
 
@@ -71,3 +73,6 @@ class RequestOutput:
     first_token_time: float | None
     finish_time: float | None
     text: str | None = None  # the decoded output of a finished request (with a tokenizer)
+    # log-probability of each output token under the distribution it was drawn from
+    # (temperature, top-k, top-p applied), when SamplingParams.logprobs; else None
+    output_logprobs: tuple[float, ...] | None = None

@@ -7,7 +7,9 @@ of the rows that reached the end of their known tokens, and finishes requests on
 token or at ``max_tokens``. ``generate`` and ``stream`` drive
 ``step`` for you; ``abort`` frees a request's pages at once. Given a ``Tokenizer``,
 prompts may be text, outputs carry ``text``, requests stop on its end-of-sequence ids,
-and ``stream_text`` yields text.
+and ``stream_text`` yields text. A request's ``cache_salt`` keeps its prefix-cache pages
+apart from those of requests with another salt (tenants); ``SamplingParams.logprobs``
+keeps the sampled tokens' log-probabilities.
 
 Everything but the model steps and the sampler is host Python; the device sees one
 page table per jitted step. With a fixed seed a request's tokens do not depend on batching,
@@ -17,10 +19,12 @@ chunking or preemption (sampling keys are per request and position).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from collections.abc import Iterator, Sequence
 
+import jax
 import numpy as np
 
 from jenga_jax.core.errors import RequestError
@@ -32,6 +36,7 @@ from jenga_jax.engine.engine_request import EngineRequest, RequestOutput, Status
 from jenga_jax.engine.model_runner import Image, ModelRunner
 from jenga_jax.engine.sampling import UINT32, SamplerBatch, SamplingParams, finished
 from jenga_jax.engine.scheduler import Scheduler, SchedulerConfig
+from jenga_jax.engine.steps import sample_on_device
 from jenga_jax.engine.text import TextStream, Tokenizer
 
 
@@ -43,6 +48,7 @@ class EngineCounters:
     rows: int = 0  # request rows over all steps (sum of batch sizes)
     generated_tokens: int = 0
     finished_requests: int = 0
+    prompt_tokens: int = 0  # of the requests added
 
     @property
     def mean_batch_size(self) -> float:
@@ -164,11 +170,13 @@ class Engine:
         sampling_params: SamplingParams | None = None,
         images: Sequence[Image] | None = None,
         request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> str:
         """Queue a request; returns its id. The prompt is token ids, or text when the
-        engine has a tokenizer. Raises RequestError (nothing queued) when the prompt,
-        the parameters or the images are invalid, or when the request could never fit
-        in the pool."""
+        engine has a tokenizer. cache_salt: requests share prefix-cache pages only with
+        requests of the same salt (None: the unsalted pool). Raises RequestError
+        (nothing queued) when the prompt, the parameters or the images are invalid, or
+        when the request could never fit in the pool."""
         params = SamplingParams() if sampling_params is None else sampling_params
         if not isinstance(params, SamplingParams):
             raise RequestError(
@@ -183,6 +191,8 @@ class Engine:
             raise RequestError(f"request_id must be a non-empty str, got {request_id!r}")
         if request_id in self._requests:
             raise RequestError(f"request {request_id!r} already exists")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise RequestError(f"cache_salt must be None or a non-empty str, got {cache_salt!r}")
         if isinstance(prompt_token_ids, str):
             prompt_token_ids = self._encode(request_id, prompt_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_ids:
@@ -199,13 +209,14 @@ class Engine:
             )
         images = _images(request_id, images, self.cfg, self.max_encoder_tokens)
         self._check_image_pages(request_id, images)
-        self.runner.add_request(
-            request_id,
-            prompt,
-            images=images,
-            max_new_tokens=params.max_tokens,
-            prefill_chunk=self.config.prefill_chunk,
-        )
+        with _salted(self.manager, cache_salt):
+            self.runner.add_request(
+                request_id,
+                prompt,
+                images=images,
+                max_new_tokens=params.max_tokens,
+                prefill_chunk=self.config.prefill_chunk,
+            )
         req = EngineRequest(
             request_id,
             tuple(prompt),
@@ -215,6 +226,7 @@ class Engine:
         )
         self._requests[request_id] = req
         self.scheduler.add(req)
+        self.counters.prompt_tokens += len(prompt)
         return request_id
 
     def _encode(self, request_id: str, text: str) -> list[int]:
@@ -271,25 +283,34 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.num_rows == 0:
             return []
-        rows, pending, counts = [], [], []
+        rows, pending, counts, pending_logprobs = [], [], [], []
         for batch, decode in ((plan.decode, True), (plan.prefill, False)):
             if batch:  # both dispatched before waiting on either
                 sampler = self._sampler_batch(batch)
                 prepared = self.runner.prepare(batch, decode=decode, sampler=sampler)
-                pending.append(self.runner.dispatch(prepared))
+                if any(self._requests[r.request_id].params.logprobs for r in batch):
+                    tokens, logprobs = self._dispatch_with_logprobs(prepared)
+                    pending.append(tokens)
+                    pending_logprobs.append(logprobs[: len(batch)])
+                else:
+                    pending.append(self.runner.dispatch(prepared))
+                    pending_logprobs.append(np.zeros(len(batch), np.float32))
                 counts.append(len(batch))
                 rows += batch
         tokens = self.runner.fetch_tokens(pending, counts)  # int32 [rows]
+        logprobs = np.concatenate(jax.device_get(pending_logprobs))  # float32 [rows]
         c = self.counters
         c.steps += 1
         c.rows += len(rows)
         outputs = []
         now = time.perf_counter()
-        for r, token in zip(rows, tokens.tolist()):
+        for r, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
             if r.start + r.num_tokens != self.manager.num_tokens(r.request_id):
                 continue  # a prefill chunk short of the prompt's end: no token yet
             req = self._requests[r.request_id]
             req.output_token_ids.append(token)
+            if req.params.logprobs:
+                req.output_logprobs.append(logprob)
             req.pending.append(token)
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -299,6 +320,16 @@ class Engine:
                 self._finish(req, reason)
             outputs.append(self._output(req, (token,)))
         return outputs
+
+    def _dispatch_with_logprobs(self, prepared):
+        """`ModelRunner.dispatch`, keeping the sampled tokens' logprobs: (tokens int32
+        [Bp], logprobs float32 [Bp]) on the device. Only steps with a row that asked for
+        logprobs take this path (the runner's dispatch drops them)."""
+        runner = self.runner
+        logits, runner.pool = prepared.fn(
+            runner.params, runner.pool, prepared.table, prepared.inputs
+        )  # logits [Bp, V]
+        return sample_on_device(logits, prepared.sampler)
 
     def _sampler_batch(self, rows) -> SamplerBatch:
         """Sampling inputs of a step's rows, padded to its batch bucket. A row samples
@@ -356,10 +387,11 @@ class Engine:
         sampling_params: SamplingParams | None = None,
         images: Sequence[Image] | None = None,
         request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> Iterator[int]:
         """Yield the request's tokens as they are sampled (stepping the engine; other
         requests advance too). Closing the generator early aborts the request."""
-        rid = self.add_request(prompt_token_ids, sampling_params, images, request_id)
+        rid = self.add_request(prompt_token_ids, sampling_params, images, request_id, cache_salt)
         req = self._requests[rid]
         sent = 0
         try:
@@ -392,6 +424,25 @@ class Engine:
 
 
 _NO_SAMPLE = SamplingParams(temperature=0.0)  # rows whose token is dropped
+
+
+class _salted:
+    """Within it, the manager registers requests under `salt` (block hashes).
+
+    ``ModelRunner.add_request`` takes no salt (yet); this hands it to the manager's
+    ``add_request``, which does, for the one call made inside."""
+
+    def __init__(self, manager, salt: str | None):
+        self.manager, self.salt = manager, salt
+
+    def __enter__(self):
+        if self.salt is not None:
+            add = type(self.manager).add_request
+            self.manager.add_request = functools.partial(add, self.manager, salt=self.salt)
+
+    def __exit__(self, *exc):
+        if self.salt is not None:
+            del self.manager.add_request
 
 
 def _pow2_up_to(n: int, lo: int = 1) -> tuple[int, ...]:

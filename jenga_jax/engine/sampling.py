@@ -57,7 +57,8 @@ class SamplingParams:
     temperature: >= 0, 0 = greedy (argmax, lowest id on ties); top_k: >= 0, 0 = off;
     top_p: in (0, 1], 1 = off (top-k applies first, top-p to the renormalized rest);
     seed: in [0, 2**32), or None to derive one from the engine seed and the request id;
-    max_tokens: >= 1 tokens to generate; stop_token_ids: ids that end the request.
+    max_tokens: >= 1 tokens to generate; stop_token_ids: ids that end the request;
+    logprobs: keep each sampled token's log-probability (``RequestOutput.output_logprobs``).
     """
 
     temperature: float = 1.0
@@ -66,6 +67,7 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 16
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool = False
 
     def __post_init__(self):
         def bad(name: str, expected: str):
@@ -89,6 +91,9 @@ class SamplingParams:
             bad("stop_token_ids", "a tuple of token ids (ints >= 0)")
         if not all(_is_int(i) and 0 <= i <= INT32_MAX for i in ids):
             bad("stop_token_ids", "a tuple of token ids (ints >= 0)")
+        if not isinstance(self.logprobs, (bool, np.bool_)):
+            bad("logprobs", "a bool")
+        object.__setattr__(self, "logprobs", bool(self.logprobs))
         # Normalize (frozen): plain Python numbers, a hashable tuple.
         object.__setattr__(self, "temperature", float(t))
         object.__setattr__(self, "top_p", float(p))

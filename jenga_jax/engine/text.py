@@ -18,7 +18,10 @@ def _eos_ids(path: pathlib.Path) -> tuple[int, ...]:
     for name in ("generation_config.json", "config.json"):
         file = path / name
         if file.is_file():
-            eos = json.loads(file.read_text()).get("eos_token_id")
+            try:
+                eos = json.loads(file.read_text()).get("eos_token_id")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file} is not valid JSON: {e}") from e
             if eos is not None:
                 return tuple(eos) if isinstance(eos, list) else (int(eos),)
     return ()
@@ -51,8 +54,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; add_special_tokens=False leaves out what the tokenizer's
+        template adds (e.g. BOS: a chat template writes its own)."""
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
 
     def decode(self, token_ids) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)

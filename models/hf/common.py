@@ -18,12 +18,26 @@ class CheckpointError(ValueError):
     """A checkpoint this code cannot load as it is (says which tensor or option)."""
 
 
+def read_json(file: str | os.PathLike) -> dict:
+    """A checkpoint's JSON file as a dict; CheckpointError (naming the file) if it is
+    not a valid JSON object."""
+    try:
+        value = json.loads(pathlib.Path(file).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file} is not UTF-8 text: {e}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_config(path: str | os.PathLike) -> dict:
     """The checkpoint's config.json as a dict."""
     file = pathlib.Path(path) / "config.json"
     if not file.is_file():
         raise CheckpointError(f"no config.json in {path}")
-    return json.loads(file.read_text())
+    return read_json(file)
 
 
 def architecture(hf: dict) -> str:

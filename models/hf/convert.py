@@ -50,7 +50,10 @@ def main(argv=None) -> None:
     p.add_argument("out_dir", help="new directory for the orbax checkpoint")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = p.parse_args(argv)
-    out = convert(args.hf_dir, args.out_dir, args.dtype)
+    try:
+        out = convert(args.hf_dir, args.out_dir, args.dtype)
+    except (FileExistsError, ValueError) as e:  # CheckpointError is a ValueError
+        p.exit(1, f"{p.prog}: error: {e}\n")
     print(f"wrote {out}")
 
 

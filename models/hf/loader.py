@@ -8,7 +8,6 @@ model parameter is accounted for; a missing, extra or misshapen tensor raises, n
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
@@ -20,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from models.decoder import HybridDecoder
-from models.hf.common import CheckpointError, Path, read_config
+from models.hf.common import CheckpointError, Path, read_config, read_json
 from models.hf.registry import decoder_config, family_of
 
 _ALWAYS_IGNORED = (r".*rotary_emb\.inv_freq$",)
@@ -33,7 +32,7 @@ def _shards(path: pathlib.Path) -> dict[str, pathlib.Path]:
     """Tensor name -> its safetensors file (from the index, or the single file)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index)["weight_map"]
         return {name: path / file for name, file in weight_map.items()}
     single = path / "model.safetensors"
     if not single.is_file():
