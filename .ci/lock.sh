@@ -16,7 +16,7 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e '.[test,plot,weights,serve]'
 "$venv/bin/python" -m pip install -q --no-index --no-deps "torch==$(sed -n 's/^TORCH_VERSION := //p' Makefile)"
-"$venv/bin/python" -m pip install -q -e '.[hf,gpu-compile]'
+"$venv/bin/python" -m pip install -q -e '.[hf,gpu-compile,tpu]'
 {
   echo "# Every package of the test environment, pinned: make test installs with -c this file."
   echo "# Written by .ci/lock.sh on $(date -u +%Y-%m-%d) for $("$venv/bin/python" -V) on $(uname -m)."

@@ -19,7 +19,6 @@ chunking or preemption (sampling keys are per request and position).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import time
 from collections.abc import Iterator, Sequence
@@ -209,14 +208,14 @@ class Engine:
             )
         images = _images(request_id, images, self.cfg, self.max_encoder_tokens)
         self._check_image_pages(request_id, images)
-        with _salted(self.manager, cache_salt):
-            self.runner.add_request(
-                request_id,
-                prompt,
-                images=images,
-                max_new_tokens=params.max_tokens,
-                prefill_chunk=self.config.prefill_chunk,
-            )
+        self.runner.add_request(
+            request_id,
+            prompt,
+            images=images,
+            max_new_tokens=params.max_tokens,
+            prefill_chunk=self.config.prefill_chunk,
+            salt=cache_salt,
+        )
         req = EngineRequest(
             request_id,
             tuple(prompt),
@@ -424,25 +423,6 @@ class Engine:
 
 
 _NO_SAMPLE = SamplingParams(temperature=0.0)  # rows whose token is dropped
-
-
-class _salted:
-    """Within it, the manager registers requests under `salt` (block hashes).
-
-    ``ModelRunner.add_request`` takes no salt (yet); this hands it to the manager's
-    ``add_request``, which does, for the one call made inside."""
-
-    def __init__(self, manager, salt: str | None):
-        self.manager, self.salt = manager, salt
-
-    def __enter__(self):
-        if self.salt is not None:
-            add = type(self.manager).add_request
-            self.manager.add_request = functools.partial(add, self.manager, salt=self.salt)
-
-    def __exit__(self, *exc):
-        if self.salt is not None:
-            del self.manager.add_request
 
 
 def _pow2_up_to(n: int, lo: int = 1) -> tuple[int, ...]:

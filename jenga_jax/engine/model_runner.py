@@ -138,8 +138,10 @@ class ModelRunner:
         images: Sequence[Image] = (),
         max_new_tokens: int = 0,
         prefill_chunk: int | None = None,
+        salt: str | None = None,
     ) -> str:
-        """Register a request; checks the model's limits before the manager sees it."""
+        """Register a request; checks the model's limits before the manager sees it.
+        `salt`: its prefix-cache pages are shared only with requests of the same salt."""
         cfg = self.cfg
         prompt = [int(t) for t in prompt_token_ids]
         total = len(prompt) + max_new_tokens
@@ -177,6 +179,7 @@ class ModelRunner:
             images=host_images,
             max_new_tokens=max_new_tokens,
             prefill_chunk=prefill_chunk,
+            salt=salt,
         )
         self._images[rid] = images
         return rid
