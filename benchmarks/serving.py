@@ -31,6 +31,7 @@ import sys
 from flax import nnx
 
 from jenga_jax.core.workloads import make_workload
+from jenga_jax.engine.aot import wide_config
 from jenga_jax.engine.llm_engine import Engine
 from jenga_jax.engine.scheduler import SchedulerConfig
 from jenga_jax.engine.serving import format_table, run_trace
@@ -81,6 +82,11 @@ SCENARIOS = {
 def run_scenario(name: str, args) -> list:
     sc = SCENARIOS[name]
     cfg = tiny_config(sc.family)
+    budget = sc.kv_budget_mib * 2**20
+    if args.width == "real":  # d_model 1024, 32 / 8 heads of 128; the budget scaled with K/V
+        wide = wide_config(sc.family, cfg.dtype)
+        budget *= (wide.num_kv_heads * wide.head_dim) / (cfg.num_kv_heads * cfg.head_dim)
+        cfg = wide
     model = perturb(HybridDecoder(cfg, rngs=nnx.Rngs(args.seed)), seed=args.seed)
     trace = make_workload(
         sc.workload,
@@ -101,7 +107,7 @@ def run_scenario(name: str, args) -> list:
     for allocator in args.allocators:
         engines[allocator] = Engine(
             model,
-            kv_budget_bytes=int(sc.kv_budget_mib * 2**20),
+            kv_budget_bytes=int(budget),
             allocator=allocator,
             scheduler=SchedulerConfig(
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
@@ -150,6 +156,13 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per allocator")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="append one JSON line per run to this file")
+    p.add_argument(
+        "--width",
+        choices=["tiny", "real"],
+        default="tiny",
+        help="the scenarios' tiny models, or their layer patterns at a real attention width "
+        "(d_model 1024, 32 query / 8 KV heads of 128; for accelerators)",
+    )
     args = p.parse_args(argv)
     for name in args.scenarios:
         sc = SCENARIOS[name]
