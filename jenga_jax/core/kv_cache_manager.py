@@ -251,15 +251,29 @@ class KVCacheManager:
 
     def append_tokens(self, request_id: str, token_ids: Sequence[int]) -> None:
         """Append known tokens to a waiting request (a preempted one's last sampled
-        token), so that `lookup` sees them. Running requests append through `allocate`."""
+        token), so that `lookup` sees them; or give a running request the ids of tokens
+        it allocated while they were being sampled (``allocate(..., num_unknown=)``),
+        which caches the pages they fill. Running requests append new tokens through
+        `allocate`."""
         req = self._get(request_id)
-        if req.running:
-            raise RequestError(f"request {request_id!r} is running; pass its tokens to allocate")
+        unknown = req.num_allocated - len(req.tokens)
+        if req.running and len(token_ids) > unknown:
+            raise RequestError(
+                f"request {request_id!r} is running with {max(0, unknown)} allocated tokens "
+                f"of unknown id; got {len(token_ids)} ids (pass new tokens to allocate)"
+            )
         for t in token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise RequestError(f"token ids must be ints >= 0, got {t!r}")
         req.tokens.extend(token_ids)
         req.hasher.update(req.tokens)
+        if req.running:
+            self._register_pages(req)
+
+    def num_unknown_tokens(self, request_id: str) -> int:
+        """Allocated tokens whose ids have not been given yet (see `allocate`)."""
+        req = self._get(request_id)
+        return max(0, req.num_allocated - len(req.tokens)) if req.running else 0
 
     # ------------------------------------------------------------------ lookup
     def lookup(self, request_id: str) -> int:
@@ -335,24 +349,45 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ allocate
     def allocate(
-        self, request_id: str, num_new_tokens: int, new_token_ids: Sequence[int] = ()
+        self,
+        request_id: str,
+        num_new_tokens: int,
+        new_token_ids: Sequence[int] = (),
+        *,
+        num_unknown: int = 0,
     ) -> AllocationResult:
         """Pages for the request's next `num_new_tokens` tokens, for every kind at once.
 
         `new_token_ids` are appended to the request first (sampled tokens); the tokens
-        to allocate must be known. A waiting request first takes its prefix-cache hit
-        (reported in the result), and the N tokens follow the hit.
+        to allocate must be known, except that a running request may allocate
+        `num_unknown` more tokens still being sampled (asynchronous scheduling): their
+        pages are taken now, cached only once `append_tokens` gives their ids, which
+        must come before the request's next allocation (free and preempt forget them).
+        A waiting request first takes its prefix-cache hit (reported in the result), and
+        the N tokens follow the hit.
         """
         req = self._get(request_id)
         if not isinstance(num_new_tokens, int) or isinstance(num_new_tokens, bool):
             raise RequestError(f"num_new_tokens must be an int, got {num_new_tokens!r}")
         if num_new_tokens <= 0:
             raise RequestError(f"num_new_tokens must be positive, got {num_new_tokens}")
+        if not isinstance(num_unknown, int) or isinstance(num_unknown, bool) or num_unknown < 0:
+            raise RequestError(f"num_unknown must be an int >= 0, got {num_unknown!r}")
+        if num_unknown and not req.running:
+            raise RequestError(
+                f"request {request_id!r} is waiting: its first allocation needs known tokens"
+            )
+        if req.running and req.num_allocated > len(req.tokens):
+            unknown = req.num_allocated - len(req.tokens)
+            raise RequestError(
+                f"request {request_id!r}: give the ids of its {unknown} tokens being "
+                "sampled (append_tokens) before allocating more"
+            )
         for t in new_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise RequestError(f"token ids must be ints >= 0, got {t!r}")
         known = len(req.tokens) + len(new_token_ids)
-        if req.running and req.num_allocated + num_new_tokens > known:
+        if req.running and req.num_allocated + num_new_tokens > known + num_unknown:
             raise RequestError(
                 f"request {request_id!r}: allocating tokens up to "
                 f"{req.num_allocated - req.offset + num_new_tokens} but only "
@@ -585,9 +620,10 @@ class KVCacheManager:
         share them, because a step writes every new K/V into the pool before any
         attention reads it. (States are cached only once computed, in `_commit`.)
         """
-        if not self.enable_prefix_caching or req.num_allocated < req.next_full:
+        end = min(req.num_allocated, len(req.tokens))  # tokens being sampled: not yet
+        if not self.enable_prefix_caching or end < req.next_full:
             return
-        hashes, registered, end = req.hasher.hashes, req.registered, req.num_allocated
+        hashes, registered = req.hasher.hashes, req.registered
         for k in self._token_kinds:
             full = end // self._tpp[k]
             if registered[k] < full:
@@ -629,6 +665,7 @@ class KVCacheManager:
     def _release_all(self, req: RequestState, computed: bool) -> None:
         if not req.running:
             return
+        req.num_allocated = min(req.num_allocated, len(req.tokens))  # forget unknown ids
         alloc = self.alloc
         if computed:
             self._commit(req)

@@ -20,6 +20,7 @@ class EngineRequest:
 
     `pending` are tokens sampled but not yet given to the manager: the next step that
     schedules the request appends them (a refused or preempted row keeps them here).
+    `in_flight`: tokens being sampled by dispatched steps that the host has not seen.
     """
 
     request_id: str
@@ -36,6 +37,7 @@ class EngineRequest:
     finish_time: float | None = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prefix-cache hit of the first admission
+    in_flight: int = 0
 
     def output(self, new_token_ids: tuple[int, ...] = ()) -> RequestOutput:
         return RequestOutput(

@@ -4,12 +4,15 @@
 the decode rows and the prefill chunks as two jitted steps over the same pool, samples
 their logits on the device, fetches one token id per row (never logits), keeps the tokens
 of the rows that reached the end of their known tokens, and finishes requests on a stop
-token or at ``max_tokens``. ``generate`` and ``stream`` drive
-``step`` for you; ``abort`` frees a request's pages at once. Given a ``Tokenizer``,
-prompts may be text, outputs carry ``text``, requests stop on its end-of-sequence ids,
-and ``stream_text`` yields text. A request's ``cache_salt`` keeps its prefix-cache pages
-apart from those of requests with another salt (tenants); ``SamplingParams.logprobs``
-keeps the sampled tokens' log-probabilities.
+token or at ``max_tokens``. With asynchronous scheduling (the default) it dispatches step
+N+1 before fetching step N's tokens: the host schedules and builds while the device runs,
+and the rows of step N+1 that continue a request take step N's token on the device.
+``generate`` and ``stream`` drive ``step`` for you; ``abort`` frees a request's pages
+at once. Given a ``Tokenizer``, prompts may be text, outputs carry ``text``, requests
+stop on its end-of-sequence ids, and ``stream_text`` yields text.
+A request's ``cache_salt`` keeps its prefix-cache pages apart from those of requests
+with another salt (tenants); ``SamplingParams.logprobs`` keeps the sampled tokens'
+log-probabilities.
 
 Everything but the model steps and the sampler is host Python; the device sees one
 page table per jitted step. With a fixed seed a request's tokens do not depend on batching,
@@ -23,19 +26,17 @@ import itertools
 import time
 from collections.abc import Iterator, Sequence
 
-import jax
 import numpy as np
 
 from jenga_jax.core.errors import RequestError
 from jenga_jax.core.layer_kinds import AttentionType
 from jenga_jax.engine import warmup
-from jenga_jax.engine.buckets import Buckets
+from jenga_jax.engine.buckets import Buckets, width_levels
 from jenga_jax.engine.compile_cache import enable_compilation_cache
 from jenga_jax.engine.engine_request import EngineRequest, RequestOutput, Status
 from jenga_jax.engine.model_runner import Image, ModelRunner
 from jenga_jax.engine.sampling import UINT32, SamplerBatch, SamplingParams, finished
 from jenga_jax.engine.scheduler import Scheduler, SchedulerConfig
-from jenga_jax.engine.steps import sample_on_device
 from jenga_jax.engine.text import TextStream, Tokenizer
 
 
@@ -60,15 +61,23 @@ class Engine:
     model: a ``models.HybridDecoder`` (or anything with its interface); exactly one of
     num_large_pages / kv_budget_bytes sizes the pool; allocator: "jenga", "paged" or
     "uniform" (the baselines, for comparison); max_model_len: the longest request
-    (prompt + max_tokens) accepted, at most the model's; it sets the block-table width
-    so that every step has one of a few shapes (see :meth:`warmup`); max_encoder_tokens:
+    (prompt + max_tokens) accepted, at most the model's; it sets the widest block table
+    (see block_table_levels and :meth:`warmup`); max_encoder_tokens:
     most image tokens per request (models with cross attention); checkpoint_interval:
     state (Mamba) kinds keep a state every this many tokens, so prefixes can hit (None:
     never; prefill chunks then end on checkpoints). tokenizer: a ``Tokenizer`` (text
     prompts and outputs), or None (token ids only). compilation_cache_dir: JAX's
     persistent compilation cache, so that a second start loads its compiled steps (None:
     ``$JENGA_JAX_CACHE_DIR`` or ``~/.cache/jenga-jax/xla``; "off": no cache; see
-    ``engine.compile_cache``).
+    ``engine.compile_cache``). block_table_levels: how many block-table widths a step
+    may take (each half the last, the widest holding max_model_len; see
+    ``buckets.width_levels``): a step's attention reads the level of its longest row,
+    so its cost follows the tokens in use; each level adds step shapes to compile.
+    async_scheduling: schedule and build step N+1 while step N runs on the device; its
+    decode rows take step N's sampled tokens on the device. ``step`` then returns the
+    tokens of the step before the one it dispatched (stop checks, aborts and
+    preemption stay exact: a request that finished at step N gets nothing from N+1).
+    Tokens are the same either way.
     """
 
     def __init__(
@@ -91,6 +100,8 @@ class Engine:
         shuffle_seed: int | None = None,
         tokenizer: Tokenizer | None = None,
         compilation_cache_dir: str | None = None,
+        block_table_levels: int = 4,
+        async_scheduling: bool = True,
     ):
         cfg = model.cfg
         self.compilation_cache_dir = enable_compilation_cache(compilation_cache_dir)
@@ -122,15 +133,19 @@ class Engine:
             attention_backend=attention_backend,
         )
         self.kind_pages = self._kind_pages(self.runner.plan)
+        token_tpp = [k.tokens_per_page if k.is_token_kind else None for k in self.runner.plan.kinds]
         self.runner.buckets = Buckets(
             batch=_pow2_up_to(self.config.max_num_seqs),
             queries=_pow2_up_to(self.config.prefill_chunk, lo=min(16, self.config.prefill_chunk)),
-            kind_pages=self.kind_pages,  # one width per kind: a few step shapes (see warmup)
+            kind_pages=self.kind_pages,  # the widest block tables
+            kind_levels=width_levels(self.kind_pages, token_tpp, block_table_levels),
             encoder=(self.max_encoder_tokens,) if self.max_encoder_tokens else None,
-        )
+        )  # a few step shapes (see warmup)
         self.manager = self.runner.manager
         self.scheduler = Scheduler(self.runner, self.config)
         self.counters = EngineCounters()
+        self.async_scheduling = async_scheduling
+        self._in_flight: _Dispatched | None = None  # the step on the device (async)
         self._requests: dict[str, EngineRequest] = {}  # unfinished ones
         self._arrivals = itertools.count()
         self._auto_ids = itertools.count()
@@ -278,39 +293,82 @@ class Engine:
     # ------------------------------------------------------------------ steps
     def step(self) -> list[RequestOutput]:
         """Run one step. Returns an output for every request that got a token (with
-        `finished` set for those that ended); empty when there was nothing to run."""
+        `finished` set for those that ended); empty when there was nothing to run.
+
+        With async_scheduling the step is dispatched, then the previous step's tokens
+        are fetched and given out while this one runs on the device: the outputs are
+        the previous step's (see the class docstring)."""
         plan = self.scheduler.schedule()
-        if plan.num_rows == 0:
-            return []
-        rows, pending, counts, pending_logprobs = [], [], [], []
+        dispatched = self._dispatch(plan) if plan.num_rows else None
+        previous, self._in_flight = self._in_flight, dispatched
+        outputs = self._collect(previous) if previous is not None else []
+        if not self.async_scheduling and self._in_flight is not None:
+            dispatched, self._in_flight = self._in_flight, None
+            outputs += self._collect(dispatched)
+        return outputs
+
+    def _dispatch(self, plan) -> _Dispatched:
+        """Start a scheduled step: decode rows and prefill chunks as two jitted steps,
+        both dispatched before anything waits. A row whose last token is still being
+        sampled by the step in flight takes it on the device (its buffer slot)."""
+        previous = self._in_flight
+        reqs, samples, slots, pending, pending_logprobs, counts = [], [], {}, [], [], []
         for batch, decode in ((plan.decode, True), (plan.prefill, False)):
-            if batch:  # both dispatched before waiting on either
-                sampler = self._sampler_batch(batch)
-                prepared = self.runner.prepare(batch, decode=decode, sampler=sampler)
-                if any(self._requests[r.request_id].params.logprobs for r in batch):
-                    tokens, logprobs = self._dispatch_with_logprobs(prepared)
-                    pending.append(tokens)
-                    pending_logprobs.append(logprobs[: len(batch)])
+            if not batch:
+                continue
+            offset = 0 if decode else self.runner.token_slots // 2
+            feed, sampling = [], []
+            for i, r in enumerate(batch):
+                req = self._requests[r.request_id]
+                unknown = self.manager.num_unknown_tokens(r.request_id)
+                if unknown:  # allocated while in flight: previous sampled it
+                    if previous is None or previous.slots.get(r.request_id, (None,))[0] is not req:
+                        raise RuntimeError(f"request {r.request_id!r} has no token in flight")
+                    feed.append(previous.slots[r.request_id][1])
                 else:
-                    pending.append(self.runner.dispatch(prepared))
-                    pending_logprobs.append(np.zeros(len(batch), np.float32))
-                counts.append(len(batch))
-                rows += batch
-        tokens = self.runner.fetch_tokens(pending, counts)  # int32 [rows]
-        logprobs = np.concatenate(jax.device_get(pending_logprobs))  # float32 [rows]
+                    feed.append(-1)
+                end = r.start + r.num_tokens  # samples once it reaches its last token
+                sampling.append(end == self.manager.num_tokens(r.request_id) + unknown)
+                if sampling[-1]:
+                    slots[r.request_id] = (req, offset + i)
+                    req.in_flight += 1
+                reqs.append(req)
+            sampler = self._sampler_batch(batch, sampling)
+            prepared = self.runner.prepare(batch, decode=decode, sampler=sampler, feed=feed)
+            tokens, logprobs = self.runner.dispatch(prepared, offset)
+            pending.append(tokens)
+            pending_logprobs.append(logprobs)
+            counts.append(len(batch))
+            samples += sampling
+        self.counters.steps += 1
+        self.counters.rows += len(reqs)
+        return _Dispatched(tuple(reqs), tuple(samples), slots, pending, counts, pending_logprobs)
+
+    def _collect(self, step: _Dispatched) -> list[RequestOutput]:
+        """Fetch a dispatched step's tokens (int32, one per row) and give them out: to
+        the outputs, to the manager, through the stop checks. A request finished or
+        aborted since the step was dispatched gets nothing more."""
+        tokens = self.runner.fetch_tokens(step.pending, step.counts)  # int32 [rows]
+        logprobs = [None] * len(tokens)
+        if any(r.params.logprobs for r in step.reqs):  # fetched only when asked for
+            logprobs = self.runner.fetch_tokens(step.logprobs, step.counts).tolist()
         c = self.counters
-        c.steps += 1
-        c.rows += len(rows)
         outputs = []
         now = time.perf_counter()
-        for r, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
-            if r.start + r.num_tokens != self.manager.num_tokens(r.request_id):
+        for req, samples, token, logprob in zip(step.reqs, step.samples, tokens.tolist(), logprobs):
+            if not samples:
                 continue  # a prefill chunk short of the prompt's end: no token yet
-            req = self._requests[r.request_id]
+            req.in_flight -= 1
+            if req.status is Status.FINISHED:
+                continue
+            rid = req.request_id
+            if self.manager.num_unknown_tokens(rid) or req.status is Status.WAITING:
+                self.manager.append_tokens(rid, [token])  # its slot, or a preempted one
+            else:
+                req.pending.append(token)  # the next allocation appends it
             req.output_token_ids.append(token)
             if req.params.logprobs:
                 req.output_logprobs.append(logprob)
-            req.pending.append(token)
             if req.first_token_time is None:
                 req.first_token_time = now
             c.generated_tokens += 1
@@ -320,25 +378,14 @@ class Engine:
             outputs.append(self._output(req, (token,)))
         return outputs
 
-    def _dispatch_with_logprobs(self, prepared):
-        """`ModelRunner.dispatch`, keeping the sampled tokens' logprobs: (tokens int32
-        [Bp], logprobs float32 [Bp]) on the device. Only steps with a row that asked for
-        logprobs take this path (the runner's dispatch drops them)."""
-        runner = self.runner
-        logits, runner.pool = prepared.fn(
-            runner.params, runner.pool, prepared.table, prepared.inputs
-        )  # logits [Bp, V]
-        return sample_on_device(logits, prepared.sampler)
-
-    def _sampler_batch(self, rows) -> SamplerBatch:
+    def _sampler_batch(self, rows, sampling: Sequence[bool]) -> SamplerBatch:
         """Sampling inputs of a step's rows, padded to its batch bucket. A row samples
-        the token after its last one when it reaches the end of its known tokens; the
-        others (prefill chunks mid-prompt) get greedy parameters, and their token is
-        dropped."""
+        the token after its last one when it reaches the end of its known tokens
+        (`sampling`); the others (prefill chunks mid-prompt) get greedy parameters, and
+        their token is dropped."""
         params, positions = [], []
-        for r in rows:
+        for r, samples in zip(rows, sampling):
             end = r.start + r.num_tokens
-            samples = end == self.manager.num_tokens(r.request_id)
             params.append(self._requests[r.request_id].params if samples else _NO_SAMPLE)
             positions.append(end if samples else 0)
         return SamplerBatch.build(
@@ -423,6 +470,21 @@ class Engine:
 
 
 _NO_SAMPLE = SamplingParams(temperature=0.0)  # rows whose token is dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dispatched:
+    """A step on the device: each row's request and whether it samples a kept token;
+    slots: request id -> (request, buffer slot of its token) for the sampling rows;
+    pending: the tokens of its jitted steps (int32 [padded batch]), counts[i] real;
+    logprobs: the sampled tokens' logprobs, fetched only for a request asking for them."""
+
+    reqs: tuple[EngineRequest, ...]
+    samples: tuple[bool, ...]
+    slots: dict
+    pending: list
+    counts: list[int]
+    logprobs: list  # float32 [padded batch] per jitted step, beside `pending`
 
 
 def _pow2_up_to(n: int, lo: int = 1) -> tuple[int, ...]:

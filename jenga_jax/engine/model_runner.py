@@ -26,7 +26,7 @@ from jenga_jax.device.pool import PoolLayout
 from jenga_jax.engine.buckets import Buckets
 from jenga_jax.engine.page_table_builder import StepRow, build_page_table
 from jenga_jax.engine.sampling import SamplerBatch
-from jenga_jax.engine.steps import SamplerInputs, StepInputs, make_steps, sample_on_device
+from jenga_jax.engine.steps import SamplerInputs, StepInputs, make_steps, sample_into
 from pallas_kernels import choose_backend, parse_backend
 
 
@@ -45,11 +45,14 @@ class Work:
     `new_token_ids` are tokens sampled since the last step (appended first). For a
     waiting request (first step, or after preemption) the tokens start after its
     prefix-cache hit, as found at allocation, and stop at its last known token.
+    `num_unknown` (running requests): the last tokens are still being sampled on the
+    device; the step takes them from there (asynchronous scheduling).
     """
 
     request_id: str
     num_tokens: int
     new_token_ids: tuple[int, ...] = ()
+    num_unknown: int = 0
 
 
 class ModelRunner:
@@ -128,6 +131,7 @@ class ModelRunner:
         self.params = self.steps.params
         self.buckets = buckets or Buckets()
         self._images: dict[str, list[Image]] = {}  # per request (the tokens: the manager)
+        self.sampled: jax.Array | None = None  # int32 [token_slots]: the last sampled tokens
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -216,7 +220,7 @@ class ModelRunner:
             for t in w.new_token_ids:
                 if not 0 <= t < self.cfg.vocab_size:
                     raise RequestError(f"token id {t} out of [0, {self.cfg.vocab_size})")
-            known = self.manager.num_tokens(w.request_id) + len(w.new_token_ids)
+            known = self.manager.num_tokens(w.request_id) + len(w.new_token_ids) + w.num_unknown
             if known > self.cfg.max_seq_len:
                 raise RequestError(
                     f"request {w.request_id!r} would exceed the model's maximum length "
@@ -228,7 +232,9 @@ class ModelRunner:
             if not self.manager.is_running(w.request_id):  # tokens follow the hit, up to known
                 hit = self.manager.lookup(w.request_id)
                 n = min(n, self.manager.num_tokens(w.request_id) + len(w.new_token_ids) - hit)
-            result = self.manager.allocate(w.request_id, n, list(w.new_token_ids))
+            result = self.manager.allocate(
+                w.request_id, n, list(w.new_token_ids), num_unknown=w.num_unknown
+            )
             if not result:
                 refused.append((w, result.reason))
                 continue
@@ -243,11 +249,14 @@ class ModelRunner:
         decode: bool,
         all_logits: bool = False,
         sampler: SamplerBatch | None = None,
+        feed: Sequence[int] | None = None,
     ):
         """The step function and its device inputs for allocated rows (nothing runs).
 
         With `sampler` (one row per step row, padded to the step's batch bucket) the
-        step's logits are sampled on the device: run it with :meth:`dispatch`."""
+        step's logits are sampled on the device: run it with :meth:`dispatch`. feed
+        (sampling steps): per row, the slot of the token buffer (:meth:`dispatch`)
+        holding its last token, one whose id the host does not know yet, or -1."""
         if decode and all_logits:
             raise ValueError("all_logits is for prefill steps")
         if sampler is not None and all_logits:
@@ -262,9 +271,21 @@ class ModelRunner:
         )
         b, q = table.q_positions.shape
         token_ids = np.zeros((b, q), np.int32)
+        feed_slots = np.full(b, -1, np.int32)
+        if feed is not None:
+            if sampler is None or len(feed) != len(rows):
+                raise ValueError(f"feed needs a sampler and one slot per row ({len(rows)})")
+            feed_slots[: len(rows)] = feed
         for i, r in enumerate(rows):
             ids = self.manager.token_ids(r.request_id, r.start, r.start + r.num_tokens)
-            token_ids[i, : r.num_tokens] = ids
+            fed = 1 if feed_slots[i] >= 0 else 0
+            if len(ids) != r.num_tokens - fed:
+                raise ValueError(
+                    f"request {r.request_id!r}: {r.num_tokens - len(ids)} of its step's "
+                    f"{r.num_tokens} tokens are unknown and {fed} fed from the device "
+                    "(only the last token of a row may be, and must be when unknown)"
+                )
+            token_ids[i, : len(ids)] = ids
         image_embeds = None
         if image_rows:  # rows that write some image K/V this step get all their images
             image_embeds = np.zeros((b, enc, self.cfg.vision_dim), self.cfg.dtype)
@@ -274,6 +295,7 @@ class ModelRunner:
                 image_embeds[i, : len(flat)] = flat
         inputs = StepInputs(token_ids, image_embeds)
         if sampler is not None:
+            inputs = StepInputs(token_ids, image_embeds, feed_slots)
             if len(sampler.temperature) != b or sampler.num_rows != len(rows):
                 raise ValueError(
                     f"the sampler has {sampler.num_rows} rows padded to "
@@ -291,17 +313,38 @@ class ModelRunner:
         table, inputs = jax.device_put((table, inputs))
         return PreparedStep(fn, table, inputs, tuple(rows), all_logits)
 
-    def dispatch(self, prepared: PreparedStep) -> jax.Array:
+    @property
+    def token_slots(self) -> int:
+        """Size of the sampled-token buffer: the largest batch bucket twice (a step's
+        decode rows write from slot 0, its prefill rows from the largest bucket)."""
+        if self.buckets.batch is None:
+            raise ValueError("sampling steps need explicit batch buckets (Buckets.batch)")
+        return 2 * self.buckets.batch[-1]
+
+    def dispatch(self, prepared: PreparedStep, slot_offset: int = 0):
         """Start a prepared sampling step (asynchronously); keeps the updated pool.
-        Returns the rows' next tokens on the device, int32 [padded batch]."""
+        Returns the rows' next tokens and their logprobs on the device, int32 and float32
+        [padded batch]; the tokens are also kept on the device, in the token buffer from
+        `slot_offset`, where the next step's rows may take them (``prepare(...,
+        feed=)``)."""
         if prepared.sampler is None:
             raise ValueError("dispatch runs sampling steps: prepare(..., sampler=...)")
-        logits, self.pool = prepared.fn(self.params, self.pool, prepared.table, prepared.inputs)
-        tokens, _ = sample_on_device(logits, prepared.sampler)  # logits stay on the device
-        return tokens
+        slots = self.token_slots
+        if self.sampled is None or self.sampled.shape != (slots,):
+            self.sampled = jax.device_put(np.zeros(slots, np.int32))
+        b = len(prepared.sampler.temperature)
+        if not 0 <= slot_offset <= slots - b:
+            raise ValueError(f"slot_offset {slot_offset} leaves no room for {b} rows of {slots}")
+        inputs = prepared.inputs.replace(sampled=self.sampled)
+        logits, self.pool = prepared.fn(self.params, self.pool, prepared.table, inputs)
+        tokens, logprobs, self.sampled = sample_into(  # logits stay on the device
+            logits, prepared.sampler, self.sampled, np.int32(slot_offset)
+        )
+        return tokens, logprobs
 
     def fetch_tokens(self, pending: Sequence[jax.Array], counts: Sequence[int]) -> np.ndarray:
-        """Wait for dispatched steps; their first counts[i] tokens, concatenated (int32)."""
+        """Wait for dispatched steps; the first counts[i] entries of each of their
+        per-row arrays (tokens or logprobs), concatenated."""
         fetched = jax.device_get(list(pending))
         return np.concatenate([t[:n] for t, n in zip(fetched, counts)])
 

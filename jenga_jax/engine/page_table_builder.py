@@ -91,9 +91,14 @@ def build_page_table(
     counts = [manager.encoder_token_counts(rows[i].request_id) for i in image_rows]
     enc = buckets.num_encoder(max(sum(c) for c in counts)) if image_rows else 0
 
+    all_tables = [
+        [manager.block_table(r.request_id, k) for r in rows] for k in range(len(layout.kinds))
+    ]
+    needed = [0 if v.is_state else max(map(len, t)) for v, t in zip(layout.kinds, all_tables)]
+    widths = buckets.kind_widths(needed)  # the step's longest rows, bucketed
     entries = []
     for k, view in enumerate(layout.kinds):
-        tables = [manager.block_table(r.request_id, k) for r in rows]
+        tables = all_tables[k]
         what = f"kind {k} ({view.type.value})"
         if view.is_state:
             s = view.pages_per_state
@@ -106,7 +111,7 @@ def build_page_table(
             entries.append(StateTable(read, write))
             continue
         tpp = view.tokens_per_page
-        p = buckets.num_pages(max(len(t) for t in tables), kind=k)
+        p = widths[k]
         bt = np.full((b, p), -1, np.int32)
         for i, t in enumerate(tables):
             ids = _ids(t)

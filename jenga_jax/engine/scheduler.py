@@ -8,7 +8,10 @@ after its prefix-cache hit. When a running request cannot get pages, the newest
 running request not yet scheduled in this step is preempted (recompute: its pages go
 back, its tokens stay, it waits again at its old place in the queue) and allocation is
 retried; with no one left to preempt a prefill chunk is halved, and at one token the
-request preempts itself. Requests that could never fit were rejected at submission
+request preempts itself. A token still being sampled by the step in flight
+(asynchronous scheduling, ``EngineRequest.in_flight``) counts as known: a decode row
+allocates its slot and the step takes the token on the device; a waiting request with
+one is not admitted before it arrives. Requests that could never fit were rejected at submission
 (``KVCacheManager.add_request``), so a request alone with the pool always progresses.
 """
 
@@ -95,7 +98,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ steps
     def _known(self, req: EngineRequest) -> int:
-        return self.manager.num_tokens(req.request_id) + len(req.pending)
+        """Tokens the request has or will have once its tokens being sampled arrive."""
+        return self.manager.num_tokens(req.request_id) + len(req.pending) + req.in_flight
 
     def _computed(self, req: EngineRequest) -> int:
         return self.manager.num_computed_tokens(req.request_id)
@@ -120,7 +124,8 @@ class Scheduler:
         self._insert(self.waiting, req)
 
     def _allocate(self, req: EngineRequest, n: int) -> StepRow | None:
-        rows, _ = self.runner.allocate([Work(req.request_id, n, tuple(req.pending))])
+        unknown = req.in_flight if req.status is Status.RUNNING else 0
+        rows, _ = self.runner.allocate([Work(req.request_id, n, tuple(req.pending), unknown)])
         if rows:
             req.pending.clear()  # the manager has them now
             return rows[0]
@@ -190,6 +195,8 @@ class Scheduler:
             ):
                 break
             req = self.waiting[0]
+            if req.in_flight:  # preempted while its last token is being sampled: wait for it
+                break
             start, known = self.manager.lookup(req.request_id), self._known(req)
             n = self._aligned(start, min(known - start, budget, cfg.prefill_chunk), known)
             row = self._allocate(req, n)

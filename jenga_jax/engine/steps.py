@@ -1,9 +1,11 @@
 """Jitted prefill and decode steps over the shared pool.
 
 ``(params, pool, page_table, inputs) -> (logits, pool)``. The engine leaves the logits
-on the device and samples them there (``sample_on_device``, compiled once per batch
-bucket rather than into every step shape), so what crosses to the host is one int32
-token id per row, never the logits [rows, vocab].
+on the device and samples them there (``sample_into``, compiled once per batch bucket
+rather than into every step shape), so what crosses to the host is one int32 token id
+per row, never the logits [rows, vocab]. The sampled tokens also stay on the device in
+a small buffer that the next step's rows can take their last token from
+(``StepInputs.feed``), so the host can build that step before it has seen them.
 
 The pool is donated: XLA updates it in place and the caller must use the returned one.
 """
@@ -30,10 +32,16 @@ DECODE_NAME = "jenga_decode_step"
 @struct.dataclass
 class StepInputs:
     """token_ids int32 [B, Q] (padding: any id); image_embeds [B, E, vision_dim] for
-    rows that write their images' K/V this step (see the cross kinds' slots), else None."""
+    rows that write their images' K/V this step (see the cross kinds' slots), else None.
+
+    Tokens sampled on the device (asynchronous scheduling): feed int32 [B] is, per row,
+    the slot of ``sampled`` int32 [S] (the engine's buffer of the last sampled tokens)
+    holding its last query token, or -1 to keep token_ids. None: no feeding."""
 
     token_ids: jax.Array
     image_embeds: jax.Array | None = None
+    feed: jax.Array | None = None
+    sampled: jax.Array | None = None
 
 
 @struct.dataclass
@@ -85,10 +93,17 @@ def _step(graphdef, params, pool, table, inputs, *, layout, all_logits, backend)
     model = nnx.merge(graphdef, params)
     _check_inputs(model, table, inputs, layout)
     cache = PagedCache(pool, table, inputs.image_embeds, layout, backend)
-    cache, hidden = model(inputs.token_ids, table.q_positions, cache)  # [B, Q, d_model]
-    if not all_logits:  # each row's last real token
-        last = jnp.maximum(table.num_real_queries - 1, 0)
-        hidden = hidden[jnp.arange(hidden.shape[0]), last]  # [B, d_model]
+    rows = jnp.arange(table.batch)
+    last = jnp.maximum(table.num_real_queries - 1, 0)  # [B] each row's last real token
+    token_ids = inputs.token_ids  # [B, Q]
+    if inputs.feed is not None:  # last tokens sampled by the previous step, on the device
+        fed = inputs.sampled[jnp.clip(inputs.feed, 0, inputs.sampled.shape[0] - 1)]  # [B]
+        token_ids = token_ids.at[rows, last].set(
+            jnp.where(inputs.feed >= 0, fed, token_ids[rows, last])
+        )
+    cache, hidden = model(token_ids, table.q_positions, cache)  # [B, Q, d_model]
+    if not all_logits:
+        hidden = hidden[rows, last]  # [B, d_model]
     return model.logits(hidden), cache.pool
 
 
@@ -103,6 +118,21 @@ def sample_on_device(logits, sampler: SamplerInputs):
         )
     keys = row_keys(sampler.seeds, sampler.streams, sampler.positions)  # [B]
     return sample_rows(logits, sampler.temperature, sampler.top_k, sampler.top_p, keys)
+
+
+@jax.jit
+def sample_into(logits, sampler: SamplerInputs, sampled, offset):
+    """``sample_on_device``, and the tokens also written into the buffer ``sampled``
+    int32 [S] at slots [offset, offset + B) (the next step may feed on them). Returns
+    (tokens int32 [B], logprobs float32 [B], the new buffer). Compiled once per batch
+    bucket."""
+    if offset.shape != () or sampled.shape[0] < logits.shape[0]:
+        raise ValueError(
+            f"a buffer of {sampled.shape} and a scalar offset, got {offset.shape}, "
+            f"for {logits.shape[0]} rows"
+        )
+    tokens, logprobs = sample_on_device(logits, sampler)
+    return tokens, logprobs, jax.lax.dynamic_update_slice(sampled, tokens, (offset,))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """Compile every step shape an engine can produce, before serving.
 
-An engine's steps take a few shapes only: batch and query sizes from its buckets, one
-block-table width per kind, one encoder width, images or not. Running each once on an all-
-padding page table (every page id -1: nothing is read or written) compiles them, so
-serving never compiles again.
+An engine's steps take a few shapes only: batch and query sizes from its buckets, a few
+block-table levels (every kind's width chosen together, ``Buckets.kind_levels``), one
+encoder width, images or not. A prefill chunk of q queries needs at least q / tpp pages
+of every token kind, so levels narrower than its query bucket's shortest chunk are left
+out. Running each shape once on an all-padding page table (every page id -1: nothing is
+read or written) compiles them, so serving never compiles again.
 """
 
 from __future__ import annotations
@@ -59,13 +61,19 @@ def padding_table(layout: PoolLayout, batch: int, queries: int, kind_pages, enco
     return PageTable(np.full((batch, queries), -1, np.int32), tuple(kinds))
 
 
-def step_shapes(engine) -> list[tuple[bool, int, int, int]]:
-    """(decode, batch, queries, encoder) of every step the engine can run."""
+def step_shapes(engine) -> list[tuple[bool, int, int, int, tuple[int, ...]]]:
+    """(decode, batch, queries, encoder, block-table widths) of every step the engine
+    can run."""
     buckets, cfg = engine.runner.buckets, engine.config
+    levels = buckets.kind_levels or (engine.kind_pages,)
     prefill_batches = [b for b in buckets.batch if b <= buckets.batch_size(cfg.max_prefill_rows)]
-    shapes = [(True, b, 1, 0) for b in buckets.batch]
+    shapes = [(True, b, 1, 0, w) for b in buckets.batch for w in levels]
     encoders = [0] + ([engine.max_encoder_tokens] if engine.max_encoder_tokens else [])
-    shapes += [(False, b, q, e) for b in prefill_batches for q in buckets.queries for e in encoders]
+    tpp = [v.tokens_per_page if v.is_token_kind else 0 for v in engine.runner.plan.kinds]
+    smaller = (0, *buckets.queries)
+    for q, below in zip(buckets.queries, smaller):
+        fits = [w for w in levels if all(-(-(below + 1) // t) <= n for t, n in zip(tpp, w) if t)]
+        shapes += [(False, b, q, e, w) for b in prefill_batches for e in encoders for w in fits]
     return shapes
 
 
@@ -77,26 +85,28 @@ def warmup(engine, progress: Callable[[int, int], None] | None = None) -> int:
     cfg = engine.cfg
     steps = runner.steps
     shapes = step_shapes(engine)
-    for done, (decode, batch, queries, encoder) in enumerate(shapes, 1):
-        table = padding_table(runner.layout, batch, queries, engine.kind_pages, encoder)
+    sampled = runner.sampled  # a step in flight may feed on it: put back afterwards
+    for done, (decode, batch, queries, encoder, widths) in enumerate(shapes, 1):
+        table = padding_table(runner.layout, batch, queries, widths, encoder)
         embeds = np.zeros((batch, encoder, cfg.vision_dim), cfg.dtype) if encoder else None
-        inputs = StepInputs(np.zeros((batch, queries), np.int32), embeds)
+        inputs = StepInputs(
+            np.zeros((batch, queries), np.int32), embeds, np.full(batch, -1, np.int32)
+        )
         params = [SamplingParams(temperature=1.0)] * batch
         sampler = SamplerBatch.build(
             params, [0] * batch, [""] * batch, vocab_size=cfg.vocab_size, engine_seed=0
         )
         fn = steps.decode if decode else steps.prefill
-        table, inputs, sampling = jax.device_put(
-            (table, inputs, SamplerInputs.from_batch(sampler))
-        )
+        table, inputs, sampling = jax.device_put((table, inputs, SamplerInputs.from_batch(sampler)))
         step = PreparedStep(fn, table, inputs, (StepRow("", 0, 1),), False, sampling)
         t0 = time.perf_counter()
-        runner.fetch_tokens([runner.dispatch(step)], [1])
+        runner.fetch_tokens([runner.dispatch(step)[0]], [1])  # at slot 0 (the offset is traced)
         LOG.debug(
-            "step shape %d/%d (%s, batch %d, queries %d, encoder %d): %.2f s",
+            "step shape %d/%d (%s, batch %d, queries %d, encoder %d, pages %s): %.2f s",
             done, len(shapes), "decode" if decode else "prefill", batch, queries, encoder,
-            time.perf_counter() - t0,
+            widths, time.perf_counter() - t0,
         )  # fmt: skip
         if progress is not None:
             progress(done, len(shapes))
+    runner.sampled = sampled
     return len(shapes)
