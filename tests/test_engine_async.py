@@ -167,9 +167,9 @@ def test_async_step_dispatches_before_it_fetches_the_previous_step():
     dispatch, fetch = runner.dispatch, runner.fetch_tokens
 
     def watched_dispatch(step, offset=0):
-        tokens = dispatch(step, offset)
+        tokens, logprobs = dispatch(step, offset)
         calls.append(("dispatch", id(tokens)))
-        return tokens
+        return tokens, logprobs
 
     def watched_fetch(pending, counts):
         calls.append(("fetch", tuple(id(p) for p in pending)))

@@ -37,10 +37,10 @@ def test_a_step_fetches_only_token_ids():
         fetched.extend((p.dtype, p.shape) for p in pending)
         return fetch(pending, counts)
 
-    def watched_dispatch(step):  # what a dispatched step leaves for the host to fetch
-        tokens = dispatch(step)
+    def watched_dispatch(step, offset=0):  # what a dispatched step leaves for the host
+        tokens, logprobs = dispatch(step, offset)  # logprobs: fetched only when asked for
         outputs.append((tokens.dtype, tokens.shape))
-        return tokens
+        return tokens, logprobs
 
     runner.fetch_tokens, runner.dispatch = watched_fetch, watched_dispatch
     rng = np.random.default_rng(0)
