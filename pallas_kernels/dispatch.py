@@ -5,7 +5,8 @@ kernel. Override with ``backend=`` or the environment variable
 ``JENGA_ATTENTION_BACKEND`` (``reference``, ``triton`` or ``mosaic``); the argument wins.
 Forcing a backend is how a CPU machine exports the GPU/TPU paths (``jax.export`` with
 ``platforms=["cuda"]`` / ``["tpu"]``) or runs them in interpret mode. The choice is
-logged once per (backend, reason) with :mod:`logging`.
+logged once per (backend, reason) with :mod:`logging`. On TPU a head dim above 128 runs
+the reference (the Mosaic kernel does not compile for it yet; forcing "mosaic" raises).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pallas_kernels import mosaic_paged, reference, triton_paged
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "JENGA_ATTENTION_BACKEND"
+MOSAIC_MAX_HEAD_DIM = 128  # larger head dims fall back to the reference on TPU
 BACKENDS = ("reference", "triton", "mosaic")
 _BY_PLATFORM = {
     "cpu": "reference",
@@ -88,6 +90,14 @@ def paged_attention(
     ``window``, ``chunk``, ``scale`` and ``soft_cap`` are static for the kernels.
     """
     name, reason = choose_backend(backend)
+    if name == "mosaic" and not interpret and view.shape[-1] > MOSAIC_MAX_HEAD_DIM:
+        # Mosaic's strided loads need a 128-lane last dim (docs/kernels.md): not yet.
+        if reason == "argument":
+            raise ValueError(
+                f"the Mosaic kernel does not compile for head_dim {view.shape[-1]} > "
+                f"{MOSAIC_MAX_HEAD_DIM} yet; use the reference backend"
+            )
+        name, reason = "reference", f"head_dim {view.shape[-1]} > {MOSAIC_MAX_HEAD_DIM} on TPU"
     if (name, reason) not in _logged:
         _logged.add((name, reason))
         logger.info("paged attention backend: %s (%s)", name, reason)

@@ -524,3 +524,16 @@ def test_mosaic_compiled_on_tpu(kind):  # pragma: no cover - TPU only
     opts = dict(layer=1, kind=kind, scale=0.1, soft_cap=20.0, sinks=jnp.ones(8), **OPTS[kind])
     got = mosaic_paged.paged_attention(*_args(case), **opts)
     _check(got, reference(*_args(case), **opts), case, jnp.bfloat16)
+
+
+def test_wide_heads_fall_back_to_the_reference_on_tpu(monkeypatch):
+    """head_dim 256: the Mosaic kernel does not compile for it yet, so a platform (or
+    environment) choice of Mosaic runs the reference; forcing Mosaic raises."""
+    case = make_case(92, [5, 9], [[4], [8]], head_dim=256, max_pages=3)
+    opts = dict(layer=1, kind="full", scale=0.5)
+    monkeypatch.setenv(dispatch.ENV_VAR, "mosaic")
+    got = dispatch.paged_attention(*_args(case), **opts)
+    want = reference_paged_attention(*_args(case), **opts)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="does not compile for head_dim 256"):
+        dispatch.paged_attention(*_args(case), backend="mosaic", **opts)
