@@ -37,8 +37,8 @@ def test_a_step_fetches_only_token_ids():
         fetched.extend((p.dtype, p.shape) for p in pending)
         return fetch(pending, counts)
 
-    def watched_dispatch(step):  # what a dispatched step leaves for the host to fetch
-        tokens = dispatch(step)
+    def watched_dispatch(step, slot_offset=0):  # what a step leaves for the host to fetch
+        tokens = dispatch(step, slot_offset)
         outputs.append((tokens.dtype, tokens.shape))
         return tokens
 
