@@ -68,9 +68,9 @@ def workload(family: str, n: int = 14, seed: int = 0):
 
 
 def serve(eng: Engine, requests, *, abort_after: dict[str, int] | None = None):
-    """Add the requests in two waves (2/3, then the rest 4 steps later); abort request r
-    once it has abort_after[r] tokens. -> {id: final output}, and every output given
-    out, in order."""
+    """Add the requests in two waves (2/3, then the rest 4 steps later); abort request
+    r once it has abort_after[r] tokens. -> {id: final output}, checking every output
+    given out (in order, none after a request finished)."""
     abort_after = abort_after or {}
     ids = [f"r{i}" for i in range(len(requests))]
     given: dict[str, list[int]] = {rid: [] for rid in ids}
