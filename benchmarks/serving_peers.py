@@ -20,7 +20,8 @@ not timed; load and warm-up times are reported). Then the rounds interleave (jen
 easydel, jenga, ...) and the table shows medians over rounds: output tokens/s, jenga's
 ratio to each peer (also per round), batch-1 ms per decoded token (one request; (time for
 1+n tokens - time for 1 token) / n, median of 3 in each round), and how many requests'
-greedy tokens differ from vLLM's (from jenga's when vLLM is absent): reported, not hidden.
+greedy tokens differ from vLLM's (from jenga's when vLLM is absent), and, for the first
+few requests, from transformers' own greedy decoding: reported, not hidden.
 
 Threads: jenga-jax and EasyDeL run XLA:CPU with its default thread pool (every core);
 vLLM runs with its CPU defaults (VLLM_CPU_OMP_THREADS_BIND=auto): one core reserved for
@@ -43,7 +44,14 @@ import tempfile
 
 from peers import report
 from peers.driver import Driver, System, Unavailable, default_peers_dir, peer_python
-from peers.workload import ModelShape, TraceShape, make_checkpoint, make_trace, write_trace
+from peers.workload import (
+    ModelShape,
+    TraceShape,
+    make_checkpoint,
+    make_trace,
+    transformers_greedy,
+    write_trace,
+)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SYSTEMS = ("jenga", "vllm", "easydel")
@@ -119,6 +127,14 @@ def parse_args(argv=None):
         p.add_argument(
             flag, dest=field, type=int, default=None, help=f"default {getattr(defaults, field)}"
         )
+    p.add_argument(
+        "--transformers-check",
+        type=int,
+        default=8,
+        metavar="N",
+        help="also compare every system's tokens for the first N requests with "
+        "transformers' greedy decoding (0: off; default 8)",
+    )
     p.add_argument("--checkpoint", help="checkpoint directory (made there if it has none)")
     p.add_argument("--peers-dir", type=pathlib.Path, default=default_peers_dir())
     p.add_argument("--logs", type=pathlib.Path, help="drivers' logs (default: a temp dir)")
@@ -163,7 +179,8 @@ def run(args, work: pathlib.Path) -> dict:
         print(f"making the checkpoint in {checkpoint}", file=sys.stderr)
         make_checkpoint(checkpoint, model)
     trace_path = work / "trace.json"
-    write_trace(make_trace(shape, model.vocab_size), trace_path)
+    trace = make_trace(shape, model.vocab_size)
+    write_trace(trace, trace_path)
     logs = args.logs or work
     logs.mkdir(parents=True, exist_ok=True)
 
@@ -225,9 +242,21 @@ def run(args, work: pathlib.Path) -> dict:
     summary = report.summarize(rows, ready)
     reference = "vllm" if "vllm" in first_tokens else ("jenga" if "jenga" in first_tokens else None)
     agree = agreement({n: t for n, t in first_tokens.items() if n in summary}, reference)
+    vs_hf = {}
+    n = min(args.transformers_check, shape.num_requests)
+    if n > 0 and first_tokens:  # after the timed rounds, so that it loads nothing before
+        reqs = trace["requests"][:n]
+        hf = transformers_greedy(
+            checkpoint, [r["prompt"] for r in reqs], [r["max_tokens"] for r in reqs]
+        )
+        vs_hf = {
+            name: f"{report.mismatches(toks[:n], hf)}/{n} differ"
+            for name, toks in first_tokens.items()
+            if name in summary
+        }
     return dict(
         shape=shape, model=model, rows=rows, summary=summary, ready=ready, skipped=skipped,
-        agreement=agree, reference=reference,
+        agreement=agree, reference=reference, vs_transformers=vs_hf,
     )  # fmt: skip
 
 
@@ -247,6 +276,12 @@ def main(argv=None) -> None:
     )
     if summary:
         print(report.format_table(summary, out["agreement"]))
+    if out["vs_transformers"]:
+        n = min(args.transformers_check, shape.num_requests)
+        print(
+            f"greedy tokens vs transformers, first {n} requests: "
+            + ", ".join(f"{k} {v}" for k, v in out["vs_transformers"].items())
+        )
     for name, why in out["skipped"].items():
         print(f"skipped {name}: {why.splitlines()[0]}")
     if args.json:
@@ -272,6 +307,7 @@ def main(argv=None) -> None:
                         },
                         "jenga_vs": rat,
                         "greedy_tokens": out["agreement"],
+                        "greedy_tokens_vs_transformers": out["vs_transformers"],
                         "skipped": out["skipped"],
                     }
                 )

@@ -157,6 +157,7 @@ def test_interleaved_rounds_json_and_skips(tmp_path, monkeypatch, capsys):
     out = tmp_path / "peers.jsonl"
     serving_peers.main(
         ["--quick", "--rounds", "2", "--requests", "6", "--checkpoint", str(ckpt),
+         "--transformers-check", "0",
          "--json", str(out), "--logs", str(tmp_path / "logs")]
     )  # fmt: skip
     printed = capsys.readouterr().out

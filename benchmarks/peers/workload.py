@@ -143,3 +143,25 @@ def make_checkpoint(path: pathlib.Path, model: ModelShape) -> pathlib.Path:
         tokenizer_object=tok, bos_token="<0>", eos_token="<1>", pad_token="<2>", unk_token="<3>"
     ).save_pretrained(path)
     return path
+
+
+def transformers_greedy(checkpoint, prompts, max_tokens) -> list[list[int]]:
+    """Greedy tokens of transformers' own forward for each prompt (the reference the
+    engines are checked against; float32, KV cache, argmax of the last logits)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    outs = []
+    with torch.inference_mode():
+        for prompt, n in zip(prompts, max_tokens):
+            ids = torch.tensor([list(prompt)])
+            past, tokens = None, []
+            for _ in range(n):
+                out = model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                token = int(out.logits[0, -1].argmax())
+                tokens.append(token)
+                ids = torch.tensor([[token]])
+            outs.append(tokens)
+    return outs
