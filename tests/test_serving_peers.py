@@ -114,7 +114,7 @@ def test_peer_without_a_finished_venv_is_skipped(tmp_path):
 def test_a_driver_that_fails_is_reported_with_its_log(tmp_path):
     script = tmp_path / "broken.py"
     script.write_text("import sys\nprint('no such engine', file=sys.stderr)\nsys.exit(3)\n")
-    d = Driver(System("broken", sys.executable, str(script), {}, "-"), tmp_path, tmp_path / "t",
+    d = Driver(System("broken", sys.executable, str(script), {}), tmp_path, tmp_path / "t",
                tmp_path / "broken.log")  # fmt: skip
     with pytest.raises(Unavailable, match="(?s)code 3.*no such engine"):
         d.read()
@@ -148,7 +148,7 @@ def test_interleaved_rounds_json_and_skips(tmp_path, monkeypatch, capsys):
     def fake_system(name, peers_dir):
         if name == "easydel":
             return peer_python(name, tmp_path / "no-peers")
-        return System(name, sys.executable, str(scripts[name]), {}, "fake")
+        return System(name, sys.executable, str(scripts[name]), {})
 
     monkeypatch.setattr(serving_peers, "system", fake_system)
     ckpt = tmp_path / "ckpt"

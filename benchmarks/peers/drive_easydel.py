@@ -14,6 +14,7 @@ import itertools
 import os
 
 import easydel
+import easydel.caching.ragged_page.cache as _ragged_page_cache
 import jax
 import jax.numpy as jnp
 from easydel.inference.esurge import eSurge
@@ -21,9 +22,11 @@ from easydel.inference.sampling_params import SamplingParams
 from protocol import serve
 
 _request_ids = itertools.count()
-# On CPU eSurge sizes its KV pool as this share of 4 GiB; 1/8 (512 MiB) holds the trace's
-# 64 sequences of 512 tokens several times over and keeps the benchmark's memory small.
-HBM_UTILIZATION = 0.125
+# On CPU eSurge sizes its KV pool at a fixed 4 GiB (JAX reports no memory stats there, and
+# hbm_utilization only scales stats), 5.7 GB resident in all. Its budget function is
+# replaced by this size: 512 MiB holds the trace's 64 sequences of 512 tokens 4 times.
+KV_POOL_BYTES = int(os.environ.get("JENGA_PEERS_EASYDEL_KV_MIB", "512")) * 2**20
+_ragged_page_cache.per_device_hbm_budget_bytes = lambda *args, **kwargs: KV_POOL_BYTES
 
 
 def _text(ids) -> str:
@@ -38,7 +41,6 @@ def load(checkpoint: str, settings: dict) -> eSurge:
         max_num_seqs=settings["max_num_seqs"],
         max_num_batched_tokens=settings["max_num_batched_tokens"],
         reserve_tokens=0,
-        hbm_utilization=HBM_UTILIZATION,
         enable_prefix_caching=False,
         silent_mode=True,
     )
@@ -64,6 +66,7 @@ def describe(engine: eSurge) -> dict:
     return dict(
         version=f"easydel {easydel.__version__} (jax {jax.__version__})",
         threads=f"XLA:CPU default thread pool ({os.cpu_count()} cores)",
+        kv_pool_bytes=KV_POOL_BYTES,
     )
 
 

@@ -28,8 +28,7 @@ class System:
     name: str
     python: str
     script: str  # file name in benchmarks/peers/
-    env: dict
-    threads: str  # the thread settings it runs with, in words
+    env: dict  # added to the environment (each driver reports its thread settings)
 
 
 def default_peers_dir() -> pathlib.Path:

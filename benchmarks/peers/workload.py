@@ -147,7 +147,8 @@ def make_checkpoint(path: pathlib.Path, model: ModelShape) -> pathlib.Path:
 
 def transformers_greedy(checkpoint, prompts, max_tokens) -> list[list[int]]:
     """Greedy tokens of transformers' own forward for each prompt (the reference the
-    engines are checked against; float32, KV cache, argmax of the last logits)."""
+    engines are checked against): float32, the whole sequence every step (no cache
+    API, which changes between transformers versions), argmax of the last logits."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -155,13 +156,9 @@ def transformers_greedy(checkpoint, prompts, max_tokens) -> list[list[int]]:
     outs = []
     with torch.inference_mode():
         for prompt, n in zip(prompts, max_tokens):
-            ids = torch.tensor([list(prompt)])
-            past, tokens = None, []
+            ids = list(prompt)
             for _ in range(n):
-                out = model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                token = int(out.logits[0, -1].argmax())
-                tokens.append(token)
-                ids = torch.tensor([[token]])
-            outs.append(tokens)
+                logits = model(input_ids=torch.tensor([ids])).logits  # [1, len, vocab]
+                ids.append(int(logits[0, -1].argmax()))
+            outs.append(ids[len(prompt) :])
     return outs
