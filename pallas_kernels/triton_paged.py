@@ -235,7 +235,7 @@ _TILES = {
     (False, 128): ((64, 4), (64, 64, 8)),
     (False, 256): ((64, 4), (64, 16, 8)),  # prefill 64 or 32 keys spill
     (True, 64): ((32, 8), (64, 32, 8)),  # float32: FMA units, tiles in registers
-    (True, 128): ((32, 8), (64, 32, 8)),
+    (True, 128): ((32, 8), (32, 32, 8)),  # prefill 64 rows spill 8 B on sm_80 (token-major view)
     (True, 256): ((16, 8), (16, 16, 4)),  # 32 rows or 32 keys spill
 }
 

@@ -196,7 +196,7 @@ def test_sharded_placement_on_two_devices(hf_dir, orbax_dir):
 def test_memory_report_reads_the_config(hf_dir):
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "memory_report.py"), "--config", str(hf_dir),
-         "--workload", "sharegpt", "--num-requests", "20", "--kv-budget-gib", "0.01"],
+         "--workload", "sharegpt", "--num-requests", "20", "--kv-budget-gib", "0.0005"],
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
