@@ -252,7 +252,8 @@ def main(argv=None) -> None:
     if args.model and args.checkpoint:
         p.error("give --model or --checkpoint, not both")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    for noisy in ("absl", "jax"):  # jax logs at INFO which backends it could not start
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     model, tokenizer = build_model(args)
     if args.interactive:
         interactive(model, args, tokenizer)

@@ -302,7 +302,8 @@ def main(argv=None) -> int:
         parser.error(f"{args.out_dir} exists; give a new directory")
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     if args.log_level != "debug":  # orbax logs every read at INFO
-        logging.getLogger("absl").setLevel(logging.WARNING)
+        for noisy in ("absl", "jax"):  # jax logs at INFO which backends it could not start
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
