@@ -72,7 +72,8 @@ class Engine:
     ``engine.compile_cache``). block_table_levels: how many block-table widths a step
     may take (each half the last, the widest holding max_model_len; see
     ``buckets.width_levels``): a step's attention reads the level of its longest row,
-    so its cost follows the tokens in use; each level adds step shapes to compile.
+    so its cost follows the tokens in use; each level adds step shapes to compile (2 by
+    default: start-up stays near the single-width engine's, short contexts read half).
     async_scheduling: schedule and build step N+1 while step N runs on the device; its
     decode rows take step N's sampled tokens on the device. ``step`` then returns the
     tokens of the step before the one it dispatched (stop checks, aborts and
@@ -100,7 +101,7 @@ class Engine:
         shuffle_seed: int | None = None,
         tokenizer: Tokenizer | None = None,
         compilation_cache_dir: str | None = None,
-        block_table_levels: int = 4,
+        block_table_levels: int = 2,
         async_scheduling: bool = True,
     ):
         cfg = model.cfg
