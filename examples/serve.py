@@ -24,6 +24,8 @@ import logging
 import sys
 import time
 
+from jenga_jax.arg_types import nonnegative_float, positive_float, positive_int
+
 LOG = logging.getLogger("jenga_jax.serve")
 
 
@@ -197,27 +199,6 @@ def _compile_progress(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
 FAMILIES = ("gemma2", "gemma3", "gpt-oss", "jamba", "llama", "llama-vision", "llama4", "ministral")
 
 
@@ -229,20 +210,20 @@ def main(argv=None) -> None:
     p.add_argument("--model", help="checkpoint directory: Hugging Face or converted (orbax)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="--model's dtype (default: as stored)")  # fmt: skip
-    p.add_argument("--requests", type=_positive_int, default=48, help="workload size")
-    p.add_argument("--image-tokens", type=_positive_int, default=192, help="mean image tokens")
-    p.add_argument("--arrival-rate", type=_positive_float,
+    p.add_argument("--requests", type=positive_int, default=48, help="workload size")
+    p.add_argument("--image-tokens", type=positive_int, default=192, help="mean image tokens")
+    p.add_argument("--arrival-rate", type=positive_float,
                    help="requests/s (default: all at once)")  # fmt: skip
-    p.add_argument("--kv-budget-mib", type=_positive_float, default=2.0, help="KV pool")
-    p.add_argument("--max-num-seqs", type=_positive_int, default=32, help="requests per step")
-    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=256,
+    p.add_argument("--kv-budget-mib", type=positive_float, default=2.0, help="KV pool")
+    p.add_argument("--max-num-seqs", type=positive_int, default=32, help="requests per step")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=256,
                    help="tokens per step")  # fmt: skip
-    p.add_argument("--max-model-len", type=_positive_int, default=256,
+    p.add_argument("--max-model-len", type=positive_int, default=256,
                    help="longest request (prompt + output)")  # fmt: skip
-    p.add_argument("--max-encoder-tokens", type=_positive_int, default=320,
+    p.add_argument("--max-encoder-tokens", type=positive_int, default=320,
                    help="most image tokens per request")  # fmt: skip
-    p.add_argument("--temperature", type=_nonnegative_float, default=0.0, help="0: greedy")
-    p.add_argument("--max-tokens", type=_positive_int, default=48, help="interactive replies")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy")
+    p.add_argument("--max-tokens", type=positive_int, default=48, help="interactive replies")
     p.add_argument("--seed", type=int, default=0, help="model and workload seed")
     p.add_argument("--compare", action="store_true", help="also run the paged baseline")
     p.add_argument("--interactive", action="store_true", help="prompts from stdin")

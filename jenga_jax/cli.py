@@ -12,41 +12,23 @@ import os
 import pathlib
 import sys
 
+from jenga_jax.arg_types import nonnegative_float, positive_float, positive_int
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 # ---------------------------------------------------------------------- option types
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def _fraction(text: str) -> float:
-    value = _positive_float(text)
+    value = positive_float(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
 def _port(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"must be in [1, 65535], got {value}")
     return value
@@ -59,16 +41,6 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -93,7 +65,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--max-model-len",
-        type=_positive_int,
+        type=positive_int,
         help="longest request, prompt + output tokens (default: the model's)",
     )
     g.add_argument(
@@ -105,13 +77,13 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--kv-budget-mib",
-        type=_positive_float,
+        type=positive_float,
         help="KV pool size in MiB (overrides --kv-memory-fraction)",
     )
-    g.add_argument("--max-num-seqs", type=_positive_int, default=16, help="most requests per step")
+    g.add_argument("--max-num-seqs", type=positive_int, default=16, help="most requests per step")
     g.add_argument(
         "--max-num-batched-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=256,
         help="most tokens per step (prefill chunks included)",
     )
@@ -155,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat-template", help="jinja2 file overriding the checkpoint's template")
     g.add_argument(
         "--max-queued-requests",
-        type=_positive_int,
+        type=positive_int,
         default=1024,
         help="requests in flight (running + waiting) before 429s",
     )
@@ -164,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compile step shapes on first use instead of at start",
     )
-    g.add_argument("--graceful-shutdown-s", type=_nonnegative_float, default=10.0,
+    g.add_argument("--graceful-shutdown-s", type=nonnegative_float, default=10.0,
                    help="on SIGINT/SIGTERM, seconds open requests get to finish")  # fmt: skip
     _engine_options(s)
 
@@ -172,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=fmt)  # fmt: skip
     gen.add_argument("model", type=_checkpoint_dir, help="checkpoint directory")
     gen.add_argument("prompts", nargs="+", help="prompts (text)")
-    gen.add_argument("--max-tokens", type=_positive_int, default=64, help="tokens per reply")
-    gen.add_argument("--temperature", type=_nonnegative_float, default=0.0, help="0: greedy")
+    gen.add_argument("--max-tokens", type=positive_int, default=64, help="tokens per reply")
+    gen.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy")
     gen.add_argument("--top-p", type=_fraction, default=1.0, help="nucleus mass (1: off)")
     gen.add_argument("--top-k", type=int, default=0, help="top-k (0: off)")
     gen.add_argument("--chat", action="store_true", help="each prompt is a user message")

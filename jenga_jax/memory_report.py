@@ -13,21 +13,9 @@ from __future__ import annotations
 
 import argparse
 
+from jenga_jax.arg_types import positive_float, positive_int
+
 WORKLOAD_NAMES = ("arxiv-qa", "image-questions", "mmmu", "sharegpt")  # core.workloads'
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a checkpoint directory: the layout from its config.json")
     p.add_argument("--workload", choices=WORKLOAD_NAMES,
                    help="default: mmmu for models with cross attention, else sharegpt")  # fmt: skip
-    p.add_argument("--num-requests", type=_positive_int, default=400, help="trace length")
-    p.add_argument("--kv-budget-gib", type=_positive_float, default=40.0, help="KV pool")
+    p.add_argument("--num-requests", type=positive_int, default=400, help="trace length")
+    p.add_argument("--kv-budget-gib", type=positive_float, default=40.0, help="KV pool")
 
 
 def default_workload(layout) -> str:
