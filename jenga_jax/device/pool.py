@@ -163,10 +163,6 @@ class PoolLayout:
         return (self.num_large_pages * self.large_page_elems // self.lane, self.lane)
 
     @property
-    def large_page_rows(self) -> int:
-        return self.large_page_elems // self.lane
-
-    @property
     def nbytes(self) -> int:
         return self.num_large_pages * self.large_page_elems * DTYPE_BYTES[self.dtype]
 
